@@ -1,0 +1,328 @@
+"""Typed experiment config: one YAML plus dotted ``key=value`` overrides, validated once.
+
+Every section is a pydantic model with ``extra="forbid"``, so a typo is an error that names the key
+and suggests the closest valid one. ``load_config`` is the single entry point; ``flatten`` turns a
+resolved config into dotted keys (for MLflow params), ``dump_yaml`` writes it next to every run.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing config problem; the message names the field and what was expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+class RunConfig(_Section):
+    name: str = "apex-digits"
+    workdir: str = "./apex-runs"
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    source: Literal["digits"] = "digits"
+    resolution: int = Field(16, ge=8, le=1024, description="square side length in pixels")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+
+
+class TextEncoderConfig(_Section):
+    kind: Literal["minilm", "transformers"] = "minilm"
+    path: str | None = Field(None, description="local folder of a transformers encoder (kind=transformers)")
+    max_length: int = Field(16, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "TextEncoderConfig":
+        if self.kind == "transformers" and not self.path:
+            raise ValueError("text_encoder.path is required when text_encoder.kind='transformers' (a local folder)")
+        return self
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="module-name suffixes that get LoRA adapters (attention and MLP projections)",
+    )
+
+
+class ModelConfig(_Section):
+    backbone: Literal["sana", "qwenimage"] = "sana"
+    preset: Literal["tiny", "small"] = "tiny"
+    path: str | None = Field(None, description="local diffusers pipeline folder (with transformer/) or transformer folder")
+    target_time: bool = Field(False, description="add a target-time embedding (needed by twinflow)")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class VaeConfig(_Section):
+    path: str | None = Field(None, description="local AutoencoderKL folder; none = pixel space")
+
+
+class ShiftConfig(_Section):
+    """Condition shift c_fake = a*c + b (APEX Eq. 9), applied to the text states."""
+
+    a: float = -1.0
+    b: float = 0.0
+    learnable: bool = False
+    lr_mult: float = Field(1.0, gt=0)
+
+
+class TimeConfig(_Section):
+    dist: Literal["uniform", "logit_normal", "beta"] = "uniform"
+    min: float = Field(0.0, ge=0.0, le=1.0)
+    max: float = Field(1.0, ge=0.0, le=1.0)
+    mean: float = 0.0  # logit-normal location
+    std: float = Field(1.0, gt=0)  # logit-normal scale
+    alpha: float = Field(1.0, gt=0)  # beta
+    beta: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "TimeConfig":
+        if self.min >= self.max:
+            raise ValueError(f"time.min ({self.min}) must be below time.max ({self.max})")
+        return self
+
+
+class ApexConfig(_Section):
+    """The generator-side self-adversarial form measured to work (APEX_METHOD.md, `apex`)."""
+
+    generator_t: float = Field(0.999, gt=0.0, le=1.0, description="time of the one-step generator query")
+    renoise_min: float = Field(0.02, ge=0.0, lt=1.0)
+    renoise_max: float = Field(0.98, gt=0.0, le=1.0)
+    correction_clamp: float = Field(1.0, gt=0)
+    lambda_g: float = Field(1.0, ge=0)
+    lambda_p: float = Field(1.0, ge=0)
+    lambda_r: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "ApexConfig":
+        if self.renoise_min >= self.renoise_max:
+            raise ValueError("renoise_min must be below renoise_max")
+        return self
+
+
+class ApexLiteralConfig(_Section):
+    """Eq. 9-25 exactly as the paper writes them."""
+
+    lam: float = Field(0.5, ge=0.0, le=1.0, description="mix between data and fake velocity (Eq. 22)")
+    lambda_p: float = Field(1.0, ge=0, description="weight of L_fake (Eq. 25)")
+    lambda_e: float = Field(1.0, ge=0, description="weight of L_mix (Eq. 25)")
+    fake_detach: bool = Field(False, description="detach x_fake (official code) or not (paper)")
+    fresh_noise: bool = Field(False, description="fresh z and t for L_fake instead of the shared ones")
+    weight: Literal["paper", "clamped", "uniform"] = "clamped"
+    weight_clamp: float = Field(10.0, gt=0, description="upper bound on t^3/(1-t) for weight='clamped'")
+    warmup_steps: int = Field(0, ge=0, description="steps of plain flow matching before the adversarial terms")
+    ramp_steps: int = Field(0, ge=0, description="steps over which lam and lambda_p ramp up after warm-up")
+
+
+class TwinflowConfig(_Section):
+    """The released-code variant (TwinFlow objective with negated condition)."""
+
+    consistency_steps: int = Field(2, ge=1, description="sub-steps of the RCGM consistency target")
+    target_guidance: float = Field(0.0, ge=0.0, description="training-time CFG on the target (0 = off)")
+    rectify_weight: float = Field(0.5, ge=0.0)
+    rectify_clamp: float = Field(1.0, gt=0)
+    robust_eps: float = Field(1e-3, gt=0, description="Charbonnier epsilon of the robust loss")
+
+
+class RegressionConfig(_Section):
+    teacher_nfe: int = Field(16, ge=1, description="Euler steps of the teacher ODE endpoint")
+    bank_size: int = Field(2048, ge=1, description="noise/endpoint pairs generated once and reused")
+
+
+class ObjectiveConfig(_Section):
+    name: Literal["apex", "apex_literal", "twinflow", "fm", "regression"] = "apex"
+    shift: ShiftConfig = Field(default_factory=ShiftConfig)
+    time: TimeConfig = Field(default_factory=TimeConfig)
+    apex: ApexConfig = Field(default_factory=ApexConfig)
+    apex_literal: ApexLiteralConfig = Field(default_factory=ApexLiteralConfig)
+    twinflow: TwinflowConfig = Field(default_factory=TwinflowConfig)
+    regression: RegressionConfig = Field(default_factory=RegressionConfig)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1000, ge=1)
+    max_minutes: float | None = Field(None, gt=0, description="stop early after this much training time")
+    batch_size: int = Field(128, ge=1, description="per-rank batch size")
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="0 disables EMA")
+    init_from: str | None = Field(None, description="teacher checkpoint folder to start from ('builtin' = shipped teacher)")
+    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 = local mode in the driver process")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    log_every: int = Field(25, ge=1)
+
+
+class EvalConfig(_Section):
+    nfe: list[int] = Field(default_factory=lambda: [1, 2, 4])
+    teacher_nfe: int = Field(50, ge=1)
+    samples_per_class: int = Field(100, ge=1)
+    use_ema: bool = True
+    seed: int = 1234
+    batch_size: int = Field(500, ge=1)
+    feature_extractor: str | None = Field(None, description="local TorchScript feature network; default: the digit classifier")
+
+    @model_validator(mode="after")
+    def _nfe(self) -> "EvalConfig":
+        bad = [n for n in self.nfe if n < 1]
+        if bad or not self.nfe:
+            raise ValueError(f"eval.nfe must be a non-empty list of positive integers, got {self.nfe}")
+        return self
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    vae: VaeConfig = Field(default_factory=VaeConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        if self.objective.name == "twinflow":
+            if self.train.batch_size < 4 or self.train.batch_size % 4:
+                raise ValueError(
+                    f"objective.name='twinflow' splits each per-rank batch into 4 equal groups: "
+                    f"train.batch_size must be a multiple of 4 and at least 4, got {self.train.batch_size}"
+                )
+            if not self.model.target_time:
+                raise ValueError("objective.name='twinflow' needs a backbone that accepts a target time: set model.target_time=true")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=3`` -> ("a.b", 3); the value is parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (for example train.steps=200)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, dotted + "."))
+    return keys
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    known = _known_keys(Config)
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
+            if not close:  # compare the last part only: 'objective.shift.aa' -> 'a'
+                parent = loc.rsplit(".", 1)[0] + "." if "." in loc else ""
+                siblings = [k for k in known if k.startswith(parent) and k.count(".") == loc.count(".")]
+                close = difflib.get_close_matches(loc, siblings, n=1, cutoff=0.3)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"  - unknown key '{loc}'{hint}")
+        else:
+            where = f"'{loc}'" if loc else "config"
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {where}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
+    tree: dict[str, Any] = dict(data or {})
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or the defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+        source = str(p)
+    return build_config(data, overrides, source=source)
+
+
+def flatten(cfg: Config | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"train.lr": 0.0002, ...} (lists become strings)."""
+    tree = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        elif isinstance(value, (list, tuple)):
+            out[dotted] = ",".join(str(v) for v in value)
+        else:
+            out[dotted] = value
+    return out
+
+
+def dump_yaml(cfg: Config, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text

@@ -1,0 +1,74 @@
+"""The one interface every training objective has: ``loss(model, batch, step) -> (loss, metrics)``.
+
+``model`` is a velocity network ``model(x, t, text, text_mask, target_t=None) -> v`` (a backbone
+adapter from ``apexdistill.models``); ``batch`` is a dict with ``x`` (B, C, H, W) clean samples in
+[-1, 1] (pixels or latents), ``text`` (B, L, D) text states and ``text_mask`` (B, L).
+Objectives are ``nn.Module`` so that learnable pieces (the condition shift) are trained and saved
+with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from apexdistill.config import ObjectiveConfig
+
+Batch = dict[str, Tensor]
+
+
+class Objective(nn.Module):
+    name: str = "base"
+    #: how many samples of a batch belong together (twinflow splits a batch into 4 groups)
+    batch_multiple: int = 1
+
+    def __init__(self, cfg: ObjectiveConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def loss(self, model: nn.Module, batch: Batch, step: int = 0) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Extra optimizer groups owned by the objective (e.g. the learnable shift)."""
+        return []
+
+
+def mse(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over everything but the batch, per sample: shape (B,)."""
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+def scalar_metrics(**terms: Tensor | float) -> dict[str, float]:
+    return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in terms.items()}
+
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def build_objective(cfg: ObjectiveConfig) -> Objective:
+    # importing the modules fills the registry
+    from apexdistill.method import apex, apex_literal, fm, regression, twinflow  # noqa: F401
+
+    if cfg.name not in _REGISTRY:
+        raise ValueError(f"objective.name: unknown objective '{cfg.name}', expected one of {sorted(_REGISTRY)}")
+    return _REGISTRY[cfg.name](cfg)
+
+
+def available_objectives() -> list[str]:
+    from apexdistill.method import apex, apex_literal, fm, regression, twinflow  # noqa: F401
+
+    return sorted(_REGISTRY)
+
+
+def cat_batches(*parts: Tensor | None) -> Tensor | None:
+    if any(p is None for p in parts):
+        return None
+    return torch.cat(parts, 0)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Backbones (diffusers transformers, LoRA), text encoders and VAEs. Pure PyTorch/diffusers."""
