@@ -65,7 +65,9 @@ class LoraConfig(_Section):
 class ModelConfig(_Section):
     backbone: Literal["sana", "qwenimage"] = "sana"
     preset: Literal["tiny", "small"] = "tiny"
-    path: str | None = Field(None, description="local diffusers pipeline folder (with transformer/) or transformer folder")
+    path: str | None = Field(
+        None, description="local diffusers pipeline folder (with transformer/) or transformer folder; 'builtin:teacher' = the shipped digits teacher"
+    )
     target_time: bool = Field(False, description="add a target-time embedding (needed by twinflow)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
@@ -167,7 +169,6 @@ class TrainConfig(_Section):
     schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="0 disables EMA")
-    init_from: str | None = Field(None, description="teacher checkpoint folder to start from ('builtin' = shipped teacher)")
     num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 = local mode in the driver process")
     cpus_per_worker: float = Field(1.0, gt=0)
     log_every: int = Field(25, ge=1)

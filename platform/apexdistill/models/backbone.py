@@ -9,12 +9,15 @@ in [0, 1] (t = 1 is noise; negative t is allowed, twinflow flags its fake branch
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 TIMESTEP_SCALE = 1000.0  # diffusers embeds timesteps on a 0..1000 scale
+#: weights outside the diffusers transformer (Qwen's target-time embedding), next to its config.json
+TARGET_TIME_WEIGHTS = "target_time.safetensors"
 
 
 class Backbone(nn.Module):
@@ -38,6 +41,16 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, target_t: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
+    def target_time_modules(self) -> dict[str, nn.Module]:
+        """The modules that embed the target time, by backbone-relative name (empty without one).
+        They train even under LoRA: a pretrained model has never seen a target time."""
+        return {}
+
+    def extra_state_dict(self) -> dict[str, Tensor]:
+        """Weights that live outside ``self.transformer`` (diffusers' ``save_pretrained`` does not
+        see them); saved as ``target_time.safetensors`` next to the transformer's config."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("transformer.")}
+
     def _check_target(self, target_t: Tensor | None) -> None:
         if target_t is not None and not self.target_time:
             raise ValueError(f"this {self.family} backbone was built without a target-time embedding (model.target_time=false)")
@@ -45,10 +58,25 @@ class Backbone(nn.Module):
 
 class SanaBackbone(Backbone):
     """SanaTransformer2DModel: linear self-attention, cross-attention to the text states.
-    The target time (twinflow) goes through Sana's own guidance embedding."""
+    The target time (twinflow) goes through Sana's own guidance embedding; a checkpoint without one
+    gets a zero-initialised one (``add_sana_guidance_embedding``), so it starts unchanged."""
 
     family = "sana"
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "conv_inverted", "conv_point"]
+
+    def __init__(self, transformer: nn.Module, target_time: bool = False) -> None:
+        has_guidance = bool(transformer.config.get("guidance_embeds", False))
+        if has_guidance and not target_time:
+            # its time embedding cannot run without a guidance input
+            raise ValueError("this Sana transformer has a guidance embedding (guidance_embeds=true): set model.target_time=true")
+        if target_time and not has_guidance:
+            transformer = add_sana_guidance_embedding(transformer)
+        super().__init__(transformer, target_time)
+
+    def target_time_modules(self) -> dict[str, nn.Module]:
+        if not self.target_time:
+            return {}
+        return {"transformer.time_embed.guidance_embedder": self.transformer.time_embed.guidance_embedder}
 
     @property
     def in_channels(self) -> int:
@@ -75,6 +103,26 @@ class SanaBackbone(Backbone):
         return out
 
 
+def add_sana_guidance_embedding(transformer: nn.Module) -> nn.Module:
+    """The same Sana model with a zero-initialised guidance (target-time) embedding.
+
+    Without ``guidance_embeds`` Sana's time embedding is an ``AdaLayerNormSingle``; with it, a
+    ``SanaCombinedTimestepGuidanceEmbeddings`` that holds the same timestep embedder under another
+    name (``time_embed.emb.timestep_embedder`` -> ``time_embed.timestep_embedder``) and adds the
+    guidance embedding before the shared ``linear``. With that addend zero the outputs are unchanged,
+    so a pretrained checkpoint (the built-in teacher) starts twinflow exactly where it was."""
+    param = next(transformer.parameters())
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    converted = type(transformer).from_config({**config, "guidance_embeds": True}).to(device=param.device, dtype=param.dtype)
+    state = {k.replace("time_embed.emb.timestep_embedder.", "time_embed.timestep_embedder."): v for k, v in transformer.state_dict().items()}
+    missing, unexpected = converted.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("time_embed.guidance_embedder.") for k in missing):
+        raise ValueError(f"cannot add a guidance embedding to this Sana transformer (unexpected {unexpected[:3]}, missing {missing[:3]})")
+    nn.init.zeros_(converted.time_embed.guidance_embedder.linear_2.weight)
+    nn.init.zeros_(converted.time_embed.guidance_embedder.linear_2.bias)
+    return converted.train(transformer.training)
+
+
 class QwenImageBackbone(Backbone):
     """QwenImageTransformer2DModel (MMDiT, joint attention, 3-axis RoPE). The image is packed into
     patch tokens here, as the Qwen-Image pipeline does. The target time (twinflow) is a separate
@@ -96,6 +144,9 @@ class QwenImageBackbone(Backbone):
             nn.init.zeros_(self.target_embed.linear_2.weight)
             nn.init.zeros_(self.target_embed.linear_2.bias)
             transformer.time_text_embed.register_forward_hook(self._add_target)
+
+    def target_time_modules(self) -> dict[str, nn.Module]:
+        return {"target_embed": self.target_embed} if self.target_time else {}
 
     def _add_target(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
         if self._target_emb is None:
@@ -138,6 +189,25 @@ class QwenImageBackbone(Backbone):
 
 
 FAMILIES: dict[str, type[Backbone]] = {"sana": SanaBackbone, "qwenimage": QwenImageBackbone}
+#: diffusers class name (``_class_name`` in a transformer's config.json) of each family
+CLASS_NAMES: dict[str, str] = {"sana": "SanaTransformer2DModel", "qwenimage": "QwenImageTransformer2DModel"}
+
+
+def family_of(class_name: str) -> str | None:
+    return {v: k for k, v in CLASS_NAMES.items()}.get(class_name)
+
+
+def load_target_time(backbone: Backbone, file: str | Path) -> None:
+    """Load backbone-relative weights (``target_time.safetensors``); every key must belong to it."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(file))
+    _, unexpected = backbone.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(
+            f"{file}: weights {unexpected[:5]} do not belong to this {backbone.family} backbone "
+            f"(it was saved with a target-time embedding: set model.target_time=true)"
+        )
 
 
 def transformer_class(family: str) -> type[nn.Module]:

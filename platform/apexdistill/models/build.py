@@ -1,11 +1,23 @@
-"""Build a backbone from config: a tiny preset, or a transformer from a local diffusers folder."""
+"""Build a backbone from config: a tiny preset, or a transformer from a local diffusers folder
+(a real checkpoint or one written by ``models.pipeline.save_pipeline``: the same code path), then
+LoRA when ``model.lora.enabled``."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from apexdistill.config import ModelConfig
-from apexdistill.models.backbone import FAMILIES, Backbone, preset_config, transformer_class
+from apexdistill.models.backbone import (
+    CLASS_NAMES,
+    FAMILIES,
+    TARGET_TIME_WEIGHTS,
+    Backbone,
+    family_of,
+    load_target_time,
+    preset_config,
+    transformer_class,
+)
 
 
 def resolve_transformer_folder(path: str | Path) -> Path:
@@ -20,15 +32,39 @@ def resolve_transformer_folder(path: str | Path) -> Path:
     )
 
 
+def _check_class(folder: Path, family: str) -> None:
+    try:
+        class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model.path: cannot read '{folder / 'config.json'}': {exc}") from None
+    if class_name and class_name != CLASS_NAMES[family]:
+        other = family_of(class_name)
+        hint = f"; set model.backbone={other}" if other else f" (supported: {sorted(CLASS_NAMES.values())})"
+        raise ValueError(f"model.backbone is '{family}' ({CLASS_NAMES[family]}) but '{folder}' holds a {class_name}{hint}")
+
+
 def build_backbone(cfg: ModelConfig, in_channels: int, sample_size: int, text_dim: int) -> Backbone:
     cls = transformer_class(cfg.backbone)
+    folder: Path | None = None
     if cfg.path:
-        transformer = cls.from_pretrained(str(resolve_transformer_folder(cfg.path)), local_files_only=True)
+        folder = resolve_transformer_folder(cfg.path)
+        _check_class(folder, cfg.backbone)
+        transformer = cls.from_pretrained(str(folder), local_files_only=True)
     else:
         transformer = cls(**preset_config(cfg.backbone, cfg.preset, in_channels, sample_size, text_dim, cfg.target_time))
     backbone = FAMILIES[cfg.backbone](transformer, target_time=cfg.target_time)
+    if folder is not None and (folder / TARGET_TIME_WEIGHTS).is_file():
+        if not cfg.target_time:
+            raise ValueError(
+                f"model.target_time: '{folder}' was saved with a target-time embedding ({TARGET_TIME_WEIGHTS}); set model.target_time=true"
+            )
+        load_target_time(backbone, folder / TARGET_TIME_WEIGHTS)
     if backbone.in_channels != in_channels:
         raise ValueError(f"model: the transformer takes {backbone.in_channels} channels but the data has {in_channels}")
     if backbone.text_dim != text_dim:
         raise ValueError(f"model: the transformer expects text states of width {backbone.text_dim}, the text encoder gives {text_dim}")
+    if cfg.lora.enabled:
+        from apexdistill.models.lora import apply_lora
+
+        apply_lora(backbone, cfg.lora)
     return backbone

@@ -1,0 +1,136 @@
+"""The `apexdistill` command line. Thin: parses arguments and delegates to the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from apexdistill.config import ConfigError
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from apexdistill.demo import run_demo
+
+    run_demo(args.workdir, quick=args.quick, overrides=args.overrides)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from apexdistill.config import dump_yaml, load_config
+    from apexdistill.train.driver import run_training
+
+    cfg = load_config(args.config, [*args.overrides, *([f"run.workdir={args.workdir}"] if args.workdir else [])])
+    print(dump_yaml(cfg), flush=True)
+    result = run_training(cfg, address=args.address)
+    print(f"[train] checkpoint: {result.checkpoint_dir}")
+    return 0
+
+
+def _load_model_arg(path: str, use_ema: bool):
+    """A run folder / checkpoint (trained here) or a diffusers pipeline folder."""
+    from apexdistill.train.export import load_trained_backbone
+
+    return load_trained_backbone(path, use_ema=use_ema)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from apexdistill.eval.runner import DigitsBench, format_table
+    from apexdistill.train.data import load_train_data
+
+    model, cfg = _load_model_arg(args.run, use_ema=not args.raw)
+    if args.workdir:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workdir": args.workdir})})
+    if args.samples_per_class:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"samples_per_class": args.samples_per_class})})
+    data = load_train_data(cfg)
+    bench = DigitsBench(cfg, data.text_table, data.mask_table)
+    rows = bench.score(Path(args.run).name, model, args.nfe, "euler" if args.euler else "few_step")
+    print(format_table(rows, bench.evaluator.floor_fd))
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from apexdistill.eval.grid import save_grid
+    from apexdistill.method.sampler import sample_few_step
+    from apexdistill.train.data import encode_captions
+
+    model, cfg = _load_model_arg(args.run, use_ema=not args.raw)
+    text, mask = encode_captions(cfg, list(args.prompt))
+    g = torch.Generator().manual_seed(args.seed)
+    n = len(args.prompt) * args.num
+    z = torch.randn((n, model.in_channels, cfg.data.resolution, cfg.data.resolution), generator=g)
+    images = sample_few_step(model, z, text.repeat_interleave(args.num, 0), mask.repeat_interleave(args.num, 0), nfe=args.nfe, generator=g)
+    save_grid(images, args.output, nrow=args.num)
+    print(f"[sample] {n} image(s) at {args.nfe} NFE -> {args.output}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from apexdistill.train.export import export_pipeline
+
+    out = export_pipeline(args.run, args.output, use_ema=not args.raw)
+    print(f"[export] diffusers folder: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apexdistill", description="APEX one-step distillation on Ray (see README.md)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="preprocess -> teacher -> APEX distill -> evaluate -> report, on a laptop")
+    d.add_argument("--workdir", default="./apex-runs")
+    d.add_argument("--quick", action="store_true", help="a smoke run in well under a minute of training (for tests)")
+    d.add_argument("overrides", nargs="*", help="dotted key=value config overrides, e.g. objective.name=apex_literal")
+    d.set_defaults(fn=_cmd_demo)
+
+    t = sub.add_parser("train", help="distill (or pre-train) a model with Ray Train")
+    t.add_argument("-c", "--config", required=True, help="YAML config (see jobs/configs/)")
+    t.add_argument("--workdir", default=None, help="overrides run.workdir")
+    t.add_argument("--address", default=None, help="Ray cluster address (default: local, or RAY_ADDRESS)")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a run's checkpoint at 1/2/4 NFE on the built-in digits")
+    e.add_argument("run", help="run folder (<workdir>/runs/<name>) or a checkpoint folder")
+    e.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4])
+    e.add_argument("--euler", action="store_true", help="use the multi-step Euler ODE sampler (teachers)")
+    e.add_argument("--raw", action="store_true", help="evaluate the raw weights instead of the EMA")
+    e.add_argument("--samples-per-class", type=int, default=None)
+    e.add_argument("--workdir", default=None, help="where the evaluator's classifier is cached")
+    e.set_defaults(fn=_cmd_evaluate)
+
+    s = sub.add_parser("sample", help="write a PNG grid of samples for prompts")
+    s.add_argument("run", help="run folder or checkpoint folder")
+    s.add_argument("--prompt", action="append", required=True)
+    s.add_argument("--nfe", type=int, default=1)
+    s.add_argument("--num", type=int, default=8, help="images per prompt")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--raw", action="store_true")
+    s.add_argument("-o", "--output", default="samples.png")
+    s.set_defaults(fn=_cmd_sample)
+
+    x = sub.add_parser("export", help="export a run's weights as a diffusers folder (transformer/)")
+    x.add_argument("run")
+    x.add_argument("-o", "--output", required=True)
+    x.add_argument("--raw", action="store_true")
+    x.set_defaults(fn=_cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"apexdistill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Score models on the built-in digits: the glue between a trained backbone and the metrics.
+
+The student is sampled with the few-step sampler at each requested NFE, the teacher with its
+multi-step Euler ODE; both see the same prompts and the same fixed-seed noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from apexdistill.config import Config
+from apexdistill.data.digits import CAPTIONS
+from apexdistill.eval.classifier import load_or_train_classifier
+from apexdistill.eval.generate import evaluate_rows, generate
+from apexdistill.eval.grid import save_grid
+from apexdistill.eval.metrics import DigitEvaluator, EvalRow
+
+
+class DigitsBench:
+    """Everything needed to score a model on the digits: evaluator and the ten prompts' text states."""
+
+    def __init__(self, cfg: Config, text_table: torch.Tensor, mask_table: torch.Tensor) -> None:
+        self.cfg = cfg
+        cache = Path(cfg.run.workdir) / "eval"
+        classifier, self.classifier_info = load_or_train_classifier(
+            cache, cfg.data.resolution, test_fraction=cfg.data.test_fraction, split_seed=cfg.data.split_seed
+        )
+        self.evaluator = DigitEvaluator(classifier, cfg.data.resolution, cfg.data.test_fraction, cfg.data.split_seed)
+        self.text_table, self.mask_table = text_table, mask_table
+
+    def score(self, name: str, model: torch.nn.Module, nfes: list[int], sampler: str) -> list[EvalRow]:
+        e = self.cfg.eval
+        return evaluate_rows(
+            name, model, self.evaluator, self.text_table, self.mask_table, nfes, sampler,
+            samples_per_class=e.samples_per_class, seed=e.seed, batch_size=e.batch_size,
+            channels=1, resolution=self.cfg.data.resolution,
+        )
+
+    def grid(self, models: list[tuple[str, torch.nn.Module, int, str]], path: Path, per_class: int = 1) -> Path:
+        """One row per (name, model, nfe, sampler): the ten prompts, same noise for every row."""
+        rows, titles = [], []
+        for name, model, nfe, sampler in models:
+            images, _, _ = generate(
+                model, self.text_table, self.mask_table, nfe, sampler, samples_per_class=per_class,
+                seed=self.cfg.eval.seed, batch_size=self.cfg.eval.batch_size, channels=1, resolution=self.cfg.data.resolution,
+            )
+            rows.append(images)
+            titles.append(f"{name} {nfe} NFE")
+        save_grid(torch.cat(rows), path, nrow=len(CAPTIONS) * per_class, labels_text=titles)
+        return path
+
+
+def format_table(rows: list[EvalRow], floor_fd: float | None = None) -> str:
+    head = f"{'model':<22} {'NFE':>4} {'accuracy':>9} {'FD proxy':>9} {'ms/image':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        acc = "-" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
+        lines.append(f"{r.model:<22} {r.nfe:>4} {acc:>9} {r.fd:>9.2f} {r.ms_per_image:>9.3f}")
+    if floor_fd is not None:
+        lines.append(f"{'real data (floor)':<22} {'':>4} {'':>9} {floor_fd:>9.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""A local diffusers-style pipeline folder: what a trained model is exported as, and what a real
+checkpoint looks like.
+
+    FOLDER/transformer/   config.json + diffusion_pytorch_model.safetensors (save_pretrained),
+                          target_time.safetensors when the backbone keeps weights outside it
+    FOLDER/vae/           AutoencoderKL (when the model works in latent space)
+    FOLDER/text_encoder/  + tokenizer/  (copied on request; a real pipeline ships them)
+    FOLDER/apexdistill.json  family, target time, text encoder and VAE identities, extra metadata
+
+``build_backbone(ModelConfig(path=FOLDER, ...))`` loads it with diffusers' ``from_pretrained``
+exactly as it loads a real checkpoint; ``build_vae(VaeConfig(path=FOLDER))`` finds ``vae/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from apexdistill.config import ModelConfig
+from apexdistill.models.backbone import CLASS_NAMES, TARGET_TIME_WEIGHTS, Backbone, family_of
+from apexdistill.models.vae import PixelSpace, Vae
+
+META_FILE = "apexdistill.json"
+META_FORMAT = 1
+_TOKENIZER_FILES = ("tokenizer", "vocab", "special_tokens_map", "merges", "spiece", "added_tokens", "sentencepiece")
+
+
+def _text_encoder_meta(text_encoder: Any) -> dict[str, Any] | None:
+    """``text_encoder`` is a local folder or an object with ``.path`` (and ``.identity``), e.g. TextEncoder."""
+    if text_encoder is None:
+        return None
+    path = Path(getattr(text_encoder, "path", text_encoder))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"text encoder folder '{path}' has no config.json")
+    config = json.loads((path / "config.json").read_text())
+    dim = config.get("hidden_size") or config.get("d_model")
+    return {
+        "path": str(path.resolve()),
+        "identity": getattr(text_encoder, "identity", f"{path.name}:d{dim}"),
+        "dim": dim,
+        "model_type": config.get("model_type"),
+    }
+
+
+def _copy_text_encoder(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst / "text_encoder", ignore=shutil.ignore_patterns(".git*", "README*"))
+    (dst / "tokenizer").mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.name.startswith(_TOKENIZER_FILES):
+            shutil.copy2(f, dst / "tokenizer" / f.name)
+
+
+def save_pipeline(
+    folder: str | Path,
+    backbone: Backbone,
+    text_encoder: Any = None,
+    vae: Vae | PixelSpace | None = None,
+    extra_meta: dict[str, Any] | None = None,
+    *,
+    copy_text_encoder: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``backbone`` (LoRA merged into a copy, the live model is untouched), the VAE and the
+    metadata as a pipeline folder. The folder is written next to its destination and moved into
+    place at the end, so a failure never leaves a half-written export, and an existing export is
+    only replaced with ``overwrite=True``."""
+    from apexdistill.models.lora import has_lora, merge_lora
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"export folder '{folder}' already exists and is not empty (pass overwrite=True to replace it)")
+    te_meta = _text_encoder_meta(text_encoder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        lora_merged = has_lora(backbone)
+        export = merge_lora(copy.deepcopy(backbone)) if lora_merged else backbone
+        export.transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+        extra = {k: v.detach().cpu().contiguous() for k, v in export.extra_state_dict().items()}
+        if extra:
+            save_file(extra, str(tmp / "transformer" / TARGET_TIME_WEIGHTS))
+        if isinstance(vae, Vae):
+            vae.autoencoder.save_pretrained(str(tmp / "vae"), safe_serialization=True)
+        if te_meta is not None and copy_text_encoder:
+            _copy_text_encoder(Path(te_meta["path"]), tmp)
+        meta = {
+            "format": META_FORMAT,
+            "family": backbone.family,
+            "transformer_class": CLASS_NAMES[backbone.family],
+            "target_time": bool(backbone.target_time),
+            "in_channels": backbone.in_channels,
+            "text_dim": backbone.text_dim,
+            "lora_merged": lora_merged,
+            "text_encoder": te_meta,
+            "vae": {"identity": vae.identity, "scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor}
+            if isinstance(vae, Vae)
+            else None,
+            "extra": extra_meta or {},
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_pipeline_parts(folder: str | Path) -> dict[str, Any]:
+    """Locate the parts of a pipeline folder (ours or a real diffusers one). Returns a dict with
+    ``folder``, ``transformer``, ``vae``, ``text_encoder``, ``tokenizer`` (paths or None),
+    ``family``, ``target_time`` and ``meta`` (the contents of apexdistill.json, or {})."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model.path: pipeline folder '{folder}' does not exist")
+    if not (folder / "transformer" / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: '{folder}' has no transformer/config.json (not a diffusers pipeline folder)")
+    meta: dict[str, Any] = {}
+    if (folder / META_FILE).is_file():
+        meta = json.loads((folder / META_FILE).read_text())
+
+    def part(name: str) -> Path | None:
+        sub = folder / name
+        return sub if sub.is_dir() and any(sub.iterdir()) else None
+
+    text_encoder = part("text_encoder")
+    recorded = (meta.get("text_encoder") or {}).get("path")
+    if text_encoder is None and recorded and Path(recorded).is_dir():
+        text_encoder = Path(recorded)  # not copied: the encoder the model was trained with
+    tokenizer = part("tokenizer") or text_encoder
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    # without our metadata (a real checkpoint): a target-time embedding shows as Qwen's extra
+    # weights file or as Sana's guidance embedding
+    has_target = (folder / "transformer" / TARGET_TIME_WEIGHTS).is_file() or bool(config.get("guidance_embeds", False))
+    return {
+        "folder": folder,
+        "transformer": folder / "transformer",
+        "vae": folder / "vae" if (folder / "vae" / "config.json").is_file() else None,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "family": meta.get("family") or family_of(config.get("_class_name", "")),
+        "target_time": bool(meta.get("target_time", has_target)),
+        "meta": meta,
+    }
+
+
+def pipeline_model_config(folder: str | Path, **overrides: Any) -> ModelConfig:
+    """The ``ModelConfig`` that loads ``folder`` (family and target time taken from the folder)."""
+    parts = load_pipeline_parts(folder)
+    if parts["family"] is None:
+        raise ValueError(f"model.path: cannot tell the backbone family of '{folder}'; set model.backbone")
+    fields = {"backbone": parts["family"], "path": str(folder), "target_time": parts["target_time"], **overrides}
+    return ModelConfig(**fields)

@@ -1,0 +1,1 @@
+"""Ray Train: the worker loop (a recipe), its data, and the driver that launches it."""

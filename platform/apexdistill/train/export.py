@@ -1,0 +1,51 @@
+"""Turn a training checkpoint into a model: load it back into the backbone, or export a pipeline folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from apexdistill.assets import resolve_model_path
+from apexdistill.config import Config, dump_yaml, load_config
+from apexdistill.models.backbone import Backbone
+from apexdistill.models.build import build_backbone
+from apexdistill.train.data import TrainData, load_train_data
+from apexdistill.train.loop import CHECKPOINT_STATE, latest_checkpoint
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Config, Path]:
+    """A run folder (``<workdir>/runs/<name>``) or one of its ``checkpoints/step_*`` folders."""
+    p = Path(path)
+    if (p / CHECKPOINT_STATE).is_file():
+        run_folder, ckpt = p.parent.parent, p
+    else:
+        run_folder, ckpt = p, latest_checkpoint(p)
+        if ckpt is None:
+            raise FileNotFoundError(f"'{p}' holds no finished checkpoint (expected {p}/checkpoints/step_*/{CHECKPOINT_STATE})")
+    cfg_file = run_folder / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"'{run_folder}' has no config.yaml: is it a run folder made by 'apexdistill train'?")
+    return load_config(cfg_file), ckpt
+
+
+def load_trained_backbone(path: str | Path, use_ema: bool = True, data: TrainData | None = None) -> tuple[Backbone, Config]:
+    cfg, ckpt = resolve_checkpoint(path)
+    data = data or load_train_data(cfg)
+    model_cfg = cfg.model.model_copy(update={"path": resolve_model_path(cfg.model.path)})
+    backbone = build_backbone(model_cfg, data.channels, data.resolution, data.text_dim)
+    weights = ckpt / ("ema.safetensors" if use_ema and (ckpt / "ema.safetensors").is_file() else "model.safetensors")
+    backbone.load_state_dict(load_file(str(weights)))
+    return backbone.eval(), cfg
+
+
+def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+    """Write ``out/transformer`` (diffusers save_pretrained, safetensors) plus the resolved config."""
+    backbone, cfg = load_trained_backbone(path, use_ema)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone.transformer.save_pretrained(str(out / "transformer"), safe_serialization=True)
+    dump_yaml(cfg, out / "train_config.yaml")
+    (out / "apexdistill.json").write_text(json.dumps({"family": cfg.model.backbone, "target_time": cfg.model.target_time, "ema": use_ema}, indent=2))
+    return out

@@ -1,0 +1,91 @@
+"""Config loading, overrides and the errors a user sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from apexdistill.config import ConfigError, build_config, dump_yaml, flatten, load_config
+
+
+def test_defaults_and_overrides():
+    cfg = build_config({}, ["train.steps=7", "objective.shift.a=-0.5", "eval.nfe=[1,4]", "model.path=null"])
+    assert cfg.train.steps == 7
+    assert cfg.objective.shift.a == -0.5
+    assert cfg.eval.nfe == [1, 4]
+    assert cfg.objective.name == "apex"
+
+
+def test_yaml_round_trip_and_flatten(tmp_path):
+    cfg = build_config({"train": {"lr": 1e-3}}, ["run.name=x"])
+    path = tmp_path / "cfg.yaml"
+    dump_yaml(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    flat = flatten(cfg)
+    assert flat["train.lr"] == 1e-3
+    assert flat["objective.shift.b"] == 0.0
+    assert flat["eval.nfe"] == "1,2,4"
+    assert all("." in k for k in flat)
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.stpes'.*did you mean 'train\.steps'"):
+        build_config({}, ["train.stpes=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'objectiv'.*did you mean 'objective'"):
+        build_config({"objectiv": {}})
+
+
+def test_wrong_type_names_field():
+    with pytest.raises(ConfigError, match=r"'train\.batch_size'.*(integer|int).*'many'"):
+        build_config({}, ["train.batch_size=many"])
+
+
+def test_out_of_range_lam():
+    with pytest.raises(ConfigError, match=r"'objective\.apex_literal\.lam'.*less than or equal to 1"):
+        build_config({}, ["objective.apex_literal.lam=1.5"])
+    with pytest.raises(ConfigError, match=r"'objective\.apex_literal\.lam'.*greater than or equal to 0"):
+        build_config({}, ["objective.apex_literal.lam=-0.1"])
+
+
+def test_twinflow_batch_constraint():
+    with pytest.raises(ConfigError, match=r"twinflow.*multiple of 4.*got 2"):
+        build_config({}, ["objective.name=twinflow", "train.batch_size=2", "model.target_time=true"])
+    with pytest.raises(ConfigError, match=r"twinflow.*target time.*model\.target_time=true"):
+        build_config({}, ["objective.name=twinflow", "train.batch_size=8"])
+    ok = build_config({}, ["objective.name=twinflow", "train.batch_size=8", "model.target_time=true"])
+    assert ok.objective.name == "twinflow"
+
+
+def test_unknown_objective_lists_choices():
+    with pytest.raises(ConfigError, match=r"'objective\.name'.*'apex'.*'apex_literal'.*'twinflow'.*'fm'.*'regression'"):
+        build_config({}, ["objective.name=gan"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="key=value"):
+        build_config({}, ["train.steps"])
+
+
+def test_other_range_checks():
+    with pytest.raises(ConfigError, match="time.min"):
+        build_config({}, ["objective.time.min=0.9", "objective.time.max=0.1"])
+    with pytest.raises(ConfigError, match="eval.nfe"):
+        build_config({}, ["eval.nfe=[0]"])
+    with pytest.raises(ConfigError, match="text_encoder.path is required"):
+        build_config({}, ["text_encoder.kind=transformers"])
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = list((root / "jobs" / "configs").glob("*.yaml")) + list((root / "platform" / "apexdistill" / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)

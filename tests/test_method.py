@@ -1,0 +1,539 @@
+"""Math tests of apexdistill.method: exact autograd identities and closed forms on tiny toy models.
+
+Everything runs on the CPU in a few seconds; the diffusers backbones are tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from apexdistill.config import build_config
+from apexdistill.method.apex_literal import (
+    endpoint_weight,
+    mix_loss,
+    mix_loss_velocity,
+    ramp,
+    sup_cons_loss,
+    velocity_weight,
+)
+from apexdistill.method.base import build_objective
+from apexdistill.method.ema import EMA
+from apexdistill.method.flow import endpoint_x, interpolate
+from apexdistill.method.sampler import few_step_grid, sample_few_step
+from apexdistill.method.shift import ConditionShift
+from apexdistill.method.twinflow import MULTI_STEP_MAX_GAP, RCGM_DELTA_T, consistency_target, tan_time_weight
+
+C, H, W = 2, 4, 4  # image shape of the toy batches
+TEXT_LEN, TEXT_DIM = 3, 6
+D = C * H * W  # elements per sample (mse averages over them)
+
+
+# ----------------------------------------------------------------------------- toy models
+
+
+class ToyVelocity(nn.Module):
+    """A small conditional velocity net with the backbone signature (accepts target_t)."""
+
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(C, hidden, 3, padding=1)
+        self.cond = nn.Linear(TEXT_DIM + 2, hidden)
+        self.out = nn.Conv2d(hidden, C, 3, padding=1)
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, target_t: Tensor | None = None) -> Tensor:
+        t = t.to(x.dtype).expand(x.shape[0])
+        r = t if target_t is None else target_t.to(x.dtype).expand(x.shape[0])
+        if text_mask is None:
+            pooled = text.mean(1)
+        else:
+            m = text_mask.to(text.dtype).unsqueeze(-1)
+            pooled = (text * m).sum(1) / m.sum(1).clamp_min(1.0)
+        emb = self.cond(torch.cat([pooled, t[:, None], r[:, None]], 1))
+        return self.out(torch.tanh(self.inp(x) + emb[:, :, None, None]))
+
+
+class Recorder(nn.Module):
+    """Wraps a model and records every call: inputs, output (with retained grad), grad mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.calls: list[dict] = []
+
+    def forward(self, x, t, text, text_mask=None, target_t=None):
+        out = self.model(x, t, text, text_mask, target_t=target_t)
+        if out.requires_grad:
+            out.retain_grad()
+        self.calls.append(dict(x=x, t=t.detach().clone(), text=text.detach().clone(), target_t=target_t, out=out, grad=torch.is_grad_enabled()))
+        return out
+
+
+class SignBlind(nn.Module):
+    """Ignores the sign of the times, so the negative-time flag of twinflow changes nothing."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, text, text_mask=None, target_t=None):
+        return self.model(x, t.abs(), text, text_mask, target_t=None if target_t is None else target_t.abs())
+
+
+class ExactFlow(nn.Module):
+    """The exact velocity field when the data is the single point x0: v(x, t) = (x - x0)/t.
+    Its average velocity toward any earlier time is the same (the paths are straight lines)."""
+
+    def __init__(self, x0: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("x0", x0)
+
+    def forward(self, x, t, text, text_mask=None, target_t=None):
+        t = t.to(x.dtype).expand(x.shape[0]).abs().reshape(-1, 1, 1, 1)
+        return (x - self.x0) / t
+
+
+class BiasPlusText(nn.Module):
+    """v = bias + P @ mean(text): a learnable bias plus a fixed condition-dependent offset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(C, H, W, dtype=torch.float64))
+        self.register_buffer("proj", 0.3 * torch.randn(C, TEXT_DIM, dtype=torch.float64))
+
+    def forward(self, x, t, text, text_mask=None, target_t=None):
+        offset = text.mean(1) @ self.proj.T
+        return self.bias.expand(x.shape[0], -1, -1, -1) + offset[:, :, None, None]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_batch(n: int = 8, dtype: torch.dtype = torch.float64, same_text: bool = False) -> dict[str, Tensor]:
+    text = torch.randn(1 if same_text else n, TEXT_LEN, TEXT_DIM, dtype=dtype).expand(n, -1, -1).clone()
+    mask = torch.ones(n, TEXT_LEN)
+    mask[::2, -1] = 0  # some padding
+    return {"x": torch.randn(n, C, H, W, dtype=dtype).clamp(-1, 1), "text": text, "text_mask": mask}
+
+
+def make_objective(name: str, **sections):
+    cfg = build_config({"objective": {"name": name, **sections}, "model": {"target_time": True}, "train": {"batch_size": 8}})
+    return build_objective(cfg.objective)
+
+
+def grads(model: nn.Module) -> list[Tensor]:
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def loss_and_grads(objective, model: nn.Module, batch, step: int = 0, seed: int = 0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss, metrics = objective.loss(model, batch, step)
+    loss.backward()
+    return loss.detach(), metrics, grads(model)
+
+
+def all_close(a: list[Tensor], b: list[Tensor], **tol) -> bool:
+    return all(torch.allclose(x, y, **tol) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------- Theorem 1 (apex_literal)
+
+
+def _theorem_inputs():
+    model = ToyVelocity().double()
+    b = make_batch(6)
+    x, c = b["x"], b["text"]
+    z = torch.randn_like(x)
+    t = torch.linspace(0.05, 0.95, x.shape[0], dtype=torch.float64)
+    x_t = interpolate(x, z, t)
+    with torch.no_grad():
+        v_fake = model(x_t, t, -c)  # a fixed fake velocity (the shifted branch)
+    return model, x, z, x_t, t, c, v_fake
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_theorem1_mix_gradient_equals_sup_cons_gradient(lam):
+    model, x, z, x_t, t, c, v_fake = _theorem_inputs()
+
+    model.zero_grad()
+    l_mix = mix_loss(model(x_t, t, c), x, z, x_t, t, v_fake, lam, endpoint_weight)
+    l_mix.backward()
+    g_mix = grads(model)
+
+    model.zero_grad()
+    l_sc = sup_cons_loss(model(x_t, t, c), x, x_t, t, v_fake, lam, endpoint_weight)
+    l_sc.backward()
+    g_sc = grads(model)
+
+    assert any(g.abs().max() > 1e-6 for g in g_mix)
+    assert all_close(g_mix, g_sc, rtol=1e-10, atol=1e-13)
+    if 0 < lam < 1:  # the losses differ by a constant, the gradients do not: the identity is not trivial
+        assert not torch.allclose(l_mix, l_sc)
+
+
+@pytest.mark.parametrize("kind", ["paper", "clamped", "uniform"])
+def test_velocity_form_of_mix_loss_is_eq23(kind):
+    """The objective's velocity-unit L_mix equals the endpoint form of Eq. 23 with weight w(t)/t^2."""
+    model, x, z, x_t, t, c, v_fake = _theorem_inputs()
+    v = model(x_t, t, c)
+    w_v = lambda tt: velocity_weight(tt, kind, clamp=2.0)  # noqa: E731
+    endpoint = mix_loss(v, x, z, x_t, t, v_fake, 0.4, lambda tt: w_v(tt) / tt**2)
+    velocity = mix_loss_velocity(v, x, z, x_t, t, v_fake, 0.4, w_v)
+    assert torch.allclose(endpoint, velocity, rtol=1e-10)
+    if kind == "paper":  # t^3/(1-t) in velocity units is 1/omega(t) = t/(1-t) on endpoints
+        assert torch.allclose(velocity_weight(t, "paper") / t**2, endpoint_weight(t), rtol=1e-12)
+
+
+def test_mix_weights():
+    t = torch.tensor([0.0, 0.5, 0.99, 1.0], dtype=torch.float64)
+    paper = velocity_weight(t, "paper")
+    assert torch.isfinite(paper).all() and paper[-1] > 1e4  # unbounded, guarded at t = 1
+    assert paper[1].item() == pytest.approx(0.125 / 0.5)
+    assert velocity_weight(t, "clamped", clamp=10.0).max().item() == pytest.approx(10.0)
+    assert torch.equal(velocity_weight(t, "uniform"), torch.ones_like(t))
+
+
+# ----------------------------------------------------------------------------- apex_literal
+
+
+def test_apex_literal_lam0_is_flow_matching():
+    model = ToyVelocity().double()
+    batch = make_batch()
+    fm = make_objective("fm")
+    _, _, g_fm = loss_and_grads(fm, model, batch)
+
+    literal = make_objective("apex_literal", apex_literal={"lam": 0.0, "lambda_p": 0.0, "weight": "uniform"})
+    _, _, g_lit = loss_and_grads(literal, model, batch)
+    assert all_close(g_fm, g_lit, rtol=1e-12, atol=1e-15)
+
+    # warm-up: the adversarial terms are off whatever lam and lambda_p say
+    warm = make_objective("apex_literal", apex_literal={"lam": 0.7, "lambda_p": 1.0, "weight": "uniform", "warmup_steps": 5})
+    _, metrics, g_warm = loss_and_grads(warm, model, batch, step=2)
+    assert metrics["lam_eff"] == 0.0 and metrics["lambda_p_eff"] == 0.0
+    assert all_close(g_fm, g_warm, rtol=1e-12, atol=1e-15)
+
+    # control: the time weighting of L_mix changes the gradient, so the comparison above can fail
+    weighted = make_objective("apex_literal", apex_literal={"lam": 0.0, "lambda_p": 0.0, "weight": "clamped"})
+    _, _, g_w = loss_and_grads(weighted, model, batch)
+    assert not all_close(g_fm, g_w, rtol=1e-6)
+
+
+def test_apex_literal_ramp():
+    assert [ramp(s, 3, 4) for s in (0, 2, 3, 4, 6, 100)] == [0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    assert ramp(0, 0, 0) == 1.0
+    obj = make_objective("apex_literal", apex_literal={"lam": 0.8, "lambda_p": 2.0, "warmup_steps": 3, "ramp_steps": 4})
+    _, metrics = obj.loss(ToyVelocity().double(), make_batch(), step=4)
+    assert metrics["lam_eff"] == pytest.approx(0.4) and metrics["lambda_p_eff"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_apex_literal_fake_detach(detach):
+    """With fake_detach the fake branch's input x_fake carries no gradient back to F(x_t, t, c)."""
+    model = Recorder(ToyVelocity().double())
+    obj = make_objective("apex_literal", apex_literal={"fake_detach": detach, "lambda_e": 0.0, "lam": 0.5})
+    loss, _ = obj.loss(model, make_batch())
+    loss.backward()
+    real_call, fake_query, fake_branch = model.calls  # F(x_t,t,c); sg F(x_t,t,c_fake); F(x_t_fake,t,c_fake)
+    assert not fake_query["grad"]
+    assert fake_branch["x"].requires_grad is (not detach)
+    grad_to_real = real_call["out"].grad  # L_mix has weight 0: only a path through x_fake reaches here
+    if detach:
+        assert grad_to_real is None or torch.count_nonzero(grad_to_real) == 0
+    else:
+        assert grad_to_real.abs().max() > 0
+
+
+def test_apex_literal_learnable_shift_gets_gradient():
+    obj = make_objective("apex_literal", shift={"learnable": True, "lr_mult": 3.0})
+    (group,) = obj.param_groups()
+    assert group["lr_mult"] == 3.0 and {id(p) for p in group["params"]} == {id(obj.shift.a), id(obj.shift.b)}
+    loss, _ = obj.loss(ToyVelocity(), make_batch(dtype=torch.float32))
+    loss.backward()
+    assert obj.shift.a.grad.abs() > 0 and obj.shift.b.grad.abs() > 0
+    assert make_objective("apex_literal").param_groups() == []
+
+
+# ----------------------------------------------------------------------------- identity shift
+
+
+IDENTITY = {"a": 1.0, "b": 0.0}
+
+
+@pytest.mark.parametrize("name", ["apex", "apex_literal", "twinflow"])
+def test_identity_shift_is_identity(name):
+    obj = make_objective(name, shift=IDENTITY)
+    c = torch.randn(4, TEXT_LEN, TEXT_DIM)
+    assert torch.equal(obj.shift(c), c)
+    assert not torch.equal(make_objective(name).shift(c), c)  # the default (a=-1) is not
+
+
+def test_identity_shift_apex_correction_is_zero():
+    model = ToyVelocity().double()
+    _, metrics = make_objective("apex", shift=IDENTITY).loss(model, make_batch())
+    assert metrics["correction_abs"] == 0.0
+    _, metrics = make_objective("apex").loss(model, make_batch())
+    assert metrics["correction_abs"] > 1e-4
+
+
+def test_identity_shift_apex_literal_mix_target_is_self():
+    """With c_fake = c, v_fake = sg(F) and L_mix(lam) = (1-lam)^2 * L_mix(0) on the same draw."""
+    model, batch = ToyVelocity().double(), make_batch()
+
+    def loss_mix(lam: float, shift: dict) -> float:
+        torch.manual_seed(1)
+        obj = make_objective("apex_literal", shift=shift, apex_literal={"lam": lam})
+        return obj.loss(model, batch)[1]["loss_mix"]
+
+    assert loss_mix(0.5, IDENTITY) == pytest.approx(0.25 * loss_mix(0.0, IDENTITY), rel=1e-10)
+    assert loss_mix(0.5, {"a": -1.0, "b": 0.0}) != pytest.approx(0.25 * loss_mix(0.0, IDENTITY), rel=1e-3)
+
+
+def test_identity_shift_twinflow_fake_branch_is_real_branch():
+    rec = Recorder(ToyVelocity().double())
+    batch = make_batch()
+    _, metrics = make_objective("twinflow", shift=IDENTITY).loss(SignBlind(rec), batch)
+    main = next(call for call in rec.calls if call["grad"])
+    assert torch.equal(main["text"], batch["text"])  # the fake rows see the real condition
+    assert metrics["correction_abs"] == 0.0
+    _, metrics = make_objective("twinflow").loss(SignBlind(rec), batch)
+    assert metrics["correction_abs"] > 1e-4
+
+
+# ----------------------------------------------------------------------------- apex
+
+
+def test_apex_generator_moves_sample_along_correction():
+    """One SGD step on L_gen moves x_g = z - t0*F(z, t0, c) by +t0*lr*2*G/D, G = v_fake - v_real."""
+    model = BiasPlusText()
+    batch = make_batch(4, same_text=True)
+    obj = make_objective("apex", apex={"lambda_p": 0.0, "lambda_r": 0.0})
+    t0, lr = obj.cfg.apex.generator_t, 0.5
+    c = batch["text"]
+    with torch.no_grad():  # hand-computed correction: the bias cancels, only the condition matters
+        G = (model(batch["x"], None, -c) - model(batch["x"], None, c)).clamp(-1, 1)
+        z = torch.randn_like(batch["x"])
+        x_before = z - t0 * model(z, None, c)
+    assert G.abs().max() > 0.05
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss, metrics = obj.loss(model, batch)
+    assert metrics["loss_gen"] == pytest.approx(G.pow(2).mean().item(), rel=1e-10)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        moved = (z - t0 * model(z, None, c)) - x_before
+    assert torch.allclose(moved, t0 * lr * 2 * G / D, rtol=1e-10)
+    assert (moved * G).sum() > 0  # toward the real flow, away from the fake one
+
+
+def test_apex_no_gradient_through_correction_or_fake_target():
+    rec = Recorder(ToyVelocity().double())
+    obj = make_objective("apex")
+    p = obj.cfg.apex
+    batch = make_batch()
+    n = batch["x"].shape[0]
+    loss, _ = obj.loss(rec, batch)
+    loss.backward()
+    gen, fake_and_real, real_at_xs = rec.calls
+    assert gen["grad"] and fake_and_real["grad"] and not real_at_xs["grad"]
+    assert not real_at_xs["out"].requires_grad
+
+    v_gen, v_fake_s = gen["out"], fake_and_real["out"][:n]
+    correction = (v_fake_s.detach() - real_at_xs["out"]).clamp(-p.correction_clamp, p.correction_clamp)
+    # only L_gen reaches the generator output, with a constant-weight (GAN-form) gradient
+    assert torch.allclose(v_gen.grad, 2 * p.lambda_g * correction / (n * D), rtol=1e-10, atol=1e-14)
+
+    # the fake branch is pulled toward z' - sg(x_g) and nothing else
+    t0 = p.generator_t
+    x_g = gen["x"] - t0 * v_gen.detach()
+    s = fake_and_real["t"][:n].reshape(-1, 1, 1, 1)
+    z2 = (fake_and_real["x"][:n] - (1 - s) * x_g) / s
+    expected = 2 * p.lambda_p * (v_fake_s.detach() - (z2 - x_g)) / (n * D)
+    assert torch.allclose(fake_and_real["out"].grad[:n], expected, rtol=1e-8, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- twinflow
+
+
+def test_twinflow_groups_and_flags():
+    rec = Recorder(ToyVelocity().double())
+    steps = 3
+    obj = make_objective("twinflow", twinflow={"consistency_steps": steps})
+    batch = make_batch()
+    n = batch["x"].shape[0] // 4
+    obj.loss(rec, batch)
+
+    grad_calls = [call for call in rec.calls if call["grad"]]
+    assert len(grad_calls) == 1 and len(rec.calls) == steps + 3  # fake samples, main, RCGM sub-steps, rectify
+    generate = rec.calls[0]
+    assert torch.all(generate["t"] == 1) and torch.all(generate["target_t"] == 0)
+
+    main = grad_calls[0]
+    t, r, text = main["t"], main["target_t"], main["text"]
+    one, multi, any_, fake = (slice(i * n, (i + 1) * n) for i in range(4))
+    assert torch.all(t[one] == 1) and torch.all(r[one] == 0)
+    assert torch.all(t[multi] - r[multi] >= 0) and torch.all(t[multi] - r[multi] <= MULTI_STEP_MAX_GAP * t[multi])
+    assert torch.all(r[any_] >= 0) and torch.all(r[any_] <= t[any_])
+    assert torch.all(t[fake] < 0) and torch.equal(r[fake], t[fake])  # the negative-time flag
+    assert torch.equal(text[fake], -batch["text"][fake]) and torch.equal(text[:3 * n], batch["text"][:3 * n])
+
+    rectify = rec.calls[-1]  # fake branch (flagged, shifted) then real branch at the same re-noised points
+    s_fake, s_real = rectify["t"].chunk(2)
+    assert torch.all(s_fake < 0) and torch.equal(s_fake, -s_real) and torch.equal(rectify["target_t"], rectify["t"])
+    c_fake, c_real = rectify["text"].chunk(2)
+    assert torch.equal(c_fake, -batch["text"][one]) and torch.equal(c_real, batch["text"][one])
+
+
+def test_twinflow_target_guidance_queries_zero_condition():
+    rec = Recorder(ToyVelocity().double())
+    batch = make_batch()
+    n = batch["x"].shape[0] // 4
+    _, metrics = make_objective("twinflow", twinflow={"target_guidance": 2.0, "consistency_steps": 1}).loss(rec, batch)
+    assert len(rec.calls) == 5  # fake samples, main, CFG (cond + uncond), 1 RCGM sub-step, rectify
+    cfg_call = rec.calls[2]
+    cond, uncond = cfg_call["text"].chunk(2)
+    assert torch.equal(cond, batch["text"][: 3 * n]) and torch.count_nonzero(uncond) == 0
+    assert torch.equal(cfg_call["target_t"], cfg_call["t"])  # instantaneous velocities
+    assert not cfg_call["grad"]
+
+
+def test_twinflow_rectify_moves_one_step_sample_along_correction():
+    """The rectify term's gradient moves x_one = z - F(z, 1, c) along +G, G = v_fake - v_real."""
+    model, batch = BiasPlusText(), make_batch(8, same_text=True)
+    c = batch["text"]
+    eps, weight = 1e-3, 0.5
+    with torch.no_grad():  # the model ignores x and the time sign: G is fixed by the condition
+        G = (model(batch["x"], None, -c) - model(batch["x"], None, c)).clamp(-1, 1)[0]
+
+    def bias_grad(rectify_weight: float) -> Tensor:
+        obj = make_objective("twinflow", twinflow={"rectify_weight": rectify_weight, "robust_eps": eps})
+        return loss_and_grads(obj, model, batch, seed=3)[2][0]
+
+    from_rectify = bias_grad(weight) - bias_grad(0.0)  # same draws: only the rectify term differs
+    expected = weight * G / (D * (G.pow(2).mean() + eps**2).sqrt())  # d/dF of sqrt(mse(F, sg(F - G)) + eps^2)
+    assert torch.allclose(from_rectify, expected, rtol=1e-8)
+    # a descent step changes F by -lr*grad, so x_one = z - F moves by +lr*grad: along +G
+    assert (from_rectify * G).sum() > 0
+
+
+def test_twinflow_batch_not_divisible_by_4():
+    obj = make_objective("twinflow")
+    assert obj.batch_multiple == 4
+    with pytest.raises(ValueError, match="multiple of 4"):
+        obj.loss(ToyVelocity().double(), make_batch(6))
+
+
+def test_twinflow_refuses_learnable_shift():
+    with pytest.raises(ValueError, match="shift.learnable"):
+        make_objective("twinflow", shift={"learnable": True})
+
+
+def test_consistency_target_closed_form():
+    """Constant model velocity a: a consistent F = a is its own target; an error e on F comes back
+    as the residual (t - r)/delta_t * e (clamped), and short jumps fall back to flow matching."""
+    a = torch.full((3, C, H, W), 0.3, dtype=torch.float64)
+    velocity = lambda x, t, r: a[: x.shape[0]]  # noqa: E731
+    x_t = torch.randn(3, C, H, W, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.5, 0.4], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.3, 0.4 - RCGM_DELTA_T / 2], dtype=torch.float64)
+    assert torch.allclose(consistency_target(velocity, a, a, x_t, t, r, steps=2), a, atol=1e-12)
+
+    e = 1e-4
+    target = consistency_target(velocity, a + e, a, x_t, t, r, steps=2)
+    expected_residual = torch.tensor([(0.8 / RCGM_DELTA_T) * e, (0.2 / RCGM_DELTA_T) * e, e], dtype=torch.float64)
+    assert torch.allclose((a + e - target)[:, 0, 0, 0], expected_residual, rtol=1e-6)
+    big = consistency_target(velocity, a + 1.0, a, x_t, t, r, steps=2)  # residuals clamp to 1
+    assert torch.allclose(big, a, atol=1e-12)
+
+
+def test_tan_time_weight():
+    w = tan_time_weight(torch.tensor([1.0, 0.5, 0.5]), torch.tensor([0.0, 0.5, 0.0]))
+    assert w[0].item() == pytest.approx(1.0)
+    assert w[1].item() == pytest.approx(math.tan(math.pi / 2.5) + 1)
+    assert w[1] > w[2] > w[0]
+
+
+# ----------------------------------------------------------------------------- all objectives
+
+
+@pytest.mark.parametrize("name", ["fm", "apex", "apex_literal", "twinflow"])
+def test_exact_model_is_a_fixed_point(name):
+    """On single-point data, the exact flow makes every loss term vanish (signs, targets, RCGM)."""
+    x0 = torch.randn(C, H, W, dtype=torch.float64)
+    batch = make_batch()
+    batch["x"] = x0.expand_as(batch["x"]).clone()
+    sections = {"time": {"min": 0.05}}
+    if name == "twinflow":
+        sections["twinflow"] = {"target_guidance": 1.0, "consistency_steps": 2}
+    if name == "apex_literal":
+        sections["apex_literal"] = {"lam": 0.5}
+    _, metrics = make_objective(name, **sections).loss(ExactFlow(x0), batch)
+    for key, value in metrics.items():
+        if key.startswith("loss") or key == "correction_abs":
+            assert abs(value) < 1e-8, (key, value)
+
+
+@pytest.mark.parametrize("name", ["apex", "apex_literal", "twinflow", "fm", "regression"])
+def test_every_objective_trains(name):
+    model = ToyVelocity()
+    sections = {"regression": {"teacher_nfe": 4, "bank_size": 8}} if name == "regression" else {}
+    obj = make_objective(name, **sections)
+    loss, metrics = obj.loss(model, make_batch(8, dtype=torch.float32))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert all(math.isfinite(v) for v in metrics.values()) and "loss" in metrics
+    loss.backward()
+    gs = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in gs)
+    assert sum(g.abs().sum() for g in gs) > 0
+
+
+# ----------------------------------------------------------------------------- sampler and EMA
+
+
+def test_few_step_grids():
+    assert few_step_grid(1) == pytest.approx([0.999, 0.0])
+    assert few_step_grid(2) == pytest.approx([0.999, 0.6, 0.0])
+    assert few_step_grid(4) == pytest.approx([0.999, 0.833, 0.667, 0.5, 0.0])
+    with pytest.raises(ValueError):
+        few_step_grid(0)
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 4])
+def test_sampler_recovers_point_with_exact_velocity(nfe):
+    x0 = torch.randn(C, H, W, dtype=torch.float64)
+    z = torch.randn(5, C, H, W, dtype=torch.float64)
+    out = sample_few_step(ExactFlow(x0), z, torch.zeros(5, TEXT_LEN, TEXT_DIM), None, nfe=nfe)
+    assert torch.allclose(out, x0.expand_as(out), atol=1e-10)
+
+
+def test_ema_update():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = EMA(model, decay=0.9)
+    before = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.fill_(2.0)
+    ema.update(model)
+    for old, new, live in zip(before, ema.model.parameters(), model.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * live, atol=1e-6)
+        assert torch.allclose(new, old + 0.1, atol=1e-6)
+    assert torch.equal(ema.model[1].running_mean, torch.full((4,), 2.0))
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    with pytest.raises(ValueError):
+        EMA(model, decay=1.0)
+
+
+def test_condition_shift_values():
+    shift = ConditionShift(build_config({"objective": {"shift": {"a": -0.5, "b": 0.25}}}).objective.shift)
+    c = torch.randn(2, 3, 4)
+    assert torch.allclose(shift(c), -0.5 * c + 0.25)
