@@ -22,7 +22,7 @@ from apexdistill.method.apex_literal import (
 )
 from apexdistill.method.base import build_objective
 from apexdistill.method.ema import EMA
-from apexdistill.method.flow import endpoint_x, interpolate
+from apexdistill.method.flow import interpolate
 from apexdistill.method.sampler import few_step_grid, sample_few_step
 from apexdistill.method.shift import ConditionShift
 from apexdistill.method.twinflow import MULTI_STEP_MAX_GAP, RCGM_DELTA_T, consistency_target, tan_time_weight

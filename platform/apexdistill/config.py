@@ -204,6 +204,8 @@ class Config(_Section):
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
         if self.objective.name == "twinflow":
+            if self.objective.shift.learnable:
+                raise ValueError("objective.name='twinflow' uses a fixed condition shift: set objective.shift.learnable=false")
             if self.train.batch_size < 4 or self.train.batch_size % 4:
                 raise ValueError(
                     f"objective.name='twinflow' splits each per-rank batch into 4 equal groups: "

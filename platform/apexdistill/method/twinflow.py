@@ -3,11 +3,11 @@
 A reading of the official TwinFlow training step as APEX_METHOD.md describes it. Each batch of
 4n samples is split into four equal groups that share one forward pass with gradient:
 
-    group        time t             target time r            sample trained on
-    one_step     1                  0                        data
-    multi_step   t ~ objective.time t - u*t*MULTI_STEP_MAX_GAP  data      (u ~ U(0, 1))
-    any_step     t ~ objective.time t - u*t                  data
-    fake         -t                 -t                       the model's own one-step sample x_fake
+    group        time t               target time r                 trained on
+    one_step     1                    0                             data
+    multi_step   t ~ objective.time   t - u*t*MULTI_STEP_MAX_GAP    data            (u ~ U(0, 1))
+    any_step     t ~ objective.time   t - u*t                       data
+    fake         -t                   -t                            the model's own one-step samples
 
 The network is F(x_t, t, c, target_t=r): the average velocity from t to r (r = t: the instantaneous
 velocity). Rows of the fake group carry a NEGATIVE time and target time (the flag) and the shifted
@@ -16,10 +16,10 @@ condition c_fake = a*c + b (fixed; default a = -1, b = 0, i.e. the negated condi
 Targets (all without gradient; v = z - x is the data velocity):
 1. training-time CFG (``target_guidance`` w > 0), real rows: v <- v + w*(F(x_t,t,c,t) - F(x_t,t,0,t)),
    the unconditional branch being an all-zero text condition;
-2. RCGM consistency target, real rows: one small step x' = x_t - DELTA_T*v to t' = max(t-DELTA_T, r),
+2. RCGM consistency target, real rows: one small step x' = x_t - RCGM_DELTA_T*v to t' = max(t-RCGM_DELTA_T, r),
    then ``consistency_steps`` Euler sub-steps of the model from t' to r give the displacement D.
-   A consistent model satisfies (t-r)*F = DELTA_T*v + D; the residual
-   R = ((t-r)*F - D)/DELTA_T - v (R = F - v when t - r < DELTA_T) gives the target F - clamp(R).
+   A consistent model satisfies (t-r)*F = RCGM_DELTA_T*v + D; the residual
+   R = ((t-r)*F - D)/RCGM_DELTA_T - v (R = F - v when t - r < RCGM_DELTA_T) gives the target F - clamp(R).
 3. fake rows: plain flow matching on x_fake, target z - x_fake.
 Loss: a per-sample Charbonnier loss sqrt(d^2 + eps^2) - eps (d^2 the sample's mean squared error),
 weighted by tan((1 - (t - r)) * pi / TAN_WEIGHT_DIVISOR) + 1 on real rows (1 for a one-step jump,
