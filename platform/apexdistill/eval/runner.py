@@ -12,10 +12,9 @@ import torch
 
 from apexdistill.config import Config
 from apexdistill.data.digits import CAPTIONS
-from apexdistill.eval.classifier import load_or_train_classifier
 from apexdistill.eval.generate import evaluate_rows, generate
 from apexdistill.eval.grid import save_grid
-from apexdistill.eval.metrics import DigitEvaluator, EvalRow
+from apexdistill.eval.metrics import EvalRow, build_evaluator
 
 
 class DigitsBench:
@@ -23,11 +22,9 @@ class DigitsBench:
 
     def __init__(self, cfg: Config, text_table: torch.Tensor, mask_table: torch.Tensor) -> None:
         self.cfg = cfg
-        cache = Path(cfg.run.workdir) / "eval"
-        classifier, self.classifier_info = load_or_train_classifier(
-            cache, cfg.data.resolution, test_fraction=cfg.data.test_fraction, split_seed=cfg.data.split_seed
+        self.evaluator, self.classifier_info = build_evaluator(
+            Path(cfg.run.workdir) / "eval", cfg.data.resolution, cfg.data.test_fraction, cfg.data.split_seed, cfg.eval.feature_extractor
         )
-        self.evaluator = DigitEvaluator(classifier, cfg.data.resolution, cfg.data.test_fraction, cfg.data.split_seed)
         self.text_table, self.mask_table = text_table, mask_table
 
     def score(self, name: str, model: torch.nn.Module, nfes: list[int], sampler: str) -> list[EvalRow]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -11,6 +10,7 @@ from apexdistill.assets import resolve_model_path
 from apexdistill.config import Config, dump_yaml, load_config
 from apexdistill.models.backbone import Backbone
 from apexdistill.models.build import build_backbone
+from apexdistill.models.pipeline import save_pipeline
 from apexdistill.train.data import TrainData, load_train_data
 from apexdistill.train.loop import CHECKPOINT_STATE, latest_checkpoint
 
@@ -40,12 +40,9 @@ def load_trained_backbone(path: str | Path, use_ema: bool = True, data: TrainDat
     return backbone.eval(), cfg
 
 
-def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True) -> Path:
-    """Write ``out/transformer`` (diffusers save_pretrained, safetensors) plus the resolved config."""
+def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True, overwrite: bool = False) -> Path:
+    """A diffusers pipeline folder (``transformer/``, LoRA merged, plus the resolved training config)."""
     backbone, cfg = load_trained_backbone(path, use_ema)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    backbone.transformer.save_pretrained(str(out / "transformer"), safe_serialization=True)
-    dump_yaml(cfg, out / "train_config.yaml")
-    (out / "apexdistill.json").write_text(json.dumps({"family": cfg.model.backbone, "target_time": cfg.model.target_time, "ema": use_ema}, indent=2))
-    return out
+    folder = save_pipeline(out, backbone, extra_meta={"ema": use_ema, "objective": cfg.objective.name}, overwrite=overwrite)
+    dump_yaml(cfg, Path(folder) / "train_config.yaml")
+    return Path(folder)
