@@ -28,6 +28,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from apexdistill.config import load_config
+    from apexdistill.data.preprocess import run_preprocess
+
+    cfg = load_config(args.config, [*args.overrides, *([f"run.workdir={args.workdir}"] if args.workdir else [])])
+    if args.address:
+        import ray
+
+        ray.init(address=args.address)
+    info = run_preprocess(cfg, force=args.force)
+    state = "hit (nothing encoded)" if info.hit else "built"
+    print(f"[preprocess] {state}: {info.rows} rows, {info.rejected} rejected, {info.truncated} truncated captions")
+    print(f"[preprocess] cache: {info.uri}")
+    return 0
+
+
 def _load_model_arg(path: str, use_ema: bool):
     """A run folder / checkpoint (trained here) or a diffusers pipeline folder."""
     from apexdistill.train.export import load_trained_backbone
@@ -93,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", default=None, help="Ray cluster address (default: local, or RAY_ADDRESS)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
     t.set_defaults(fn=_cmd_train)
+
+    pp = sub.add_parser("preprocess", help="cache text embeddings and latents with Ray Data (Parquet under data.cache_uri)")
+    pp.add_argument("-c", "--config", default=None, help="YAML config (default: the built-in digits, pixel space)")
+    pp.add_argument("--force", action="store_true", help="rebuild even when a complete cache exists")
+    pp.add_argument("--workdir", default=None, help="overrides run.workdir (the default cache is <workdir>/cache)")
+    pp.add_argument("--address", default=None, help="Ray cluster address (default: local, or RAY_ADDRESS)")
+    pp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.resolution=32")
+    pp.set_defaults(fn=_cmd_preprocess)
 
     e = sub.add_parser("evaluate", help="score a run's checkpoint at 1/2/4 NFE on the built-in digits")
     e.add_argument("run", help="run folder (<workdir>/runs/<name>) or a checkpoint folder")

@@ -33,10 +33,40 @@ class RunConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["digits"] = "digits"
+    source: Literal["digits", "imagefolder", "parquet"] = Field(
+        "digits", description="digits (built-in), imagefolder (images + metadata.jsonl/.csv), parquet (image bytes + captions)"
+    )
+    path: str | None = Field(None, description="local folder/file or fsspec URI of an imagefolder or parquet source")
     resolution: int = Field(16, ge=8, le=1024, description="square side length in pixels")
+    channels: Literal[1, 3] | None = Field(None, description="1 = grayscale, 3 = RGB; default 1 for digits, 3 otherwise")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
+    image_column: str = Field("image", description="parquet source: column with encoded image bytes (or {bytes, path} structs)")
+    caption_column: str = Field("text", description="imagefolder metadata / parquet source: caption column")
+    label_column: str | None = Field("label", description="optional integer label column; rows without one get -1")
+    limit: int | None = Field(None, ge=1, description="use only the first N source rows (smoke runs, benchmarks)")
+    cache_uri: str | None = Field(None, description="where preprocessed caches live (local or fsspec); default <run.workdir>/cache")
+    max_reject_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail (and publish nothing) above this share of rejected rows")
+    batch_size: int = Field(64, ge=1, description="rows per Ray Data batch in the preprocessing stages")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode/resize task")
+    text_actors: int = Field(1, ge=1, description="text-encoder actors in the preprocessing pool")
+    text_actor_cpus: float = Field(0.5, gt=0, description="CPUs per text-encoder actor (fractional, so read tasks are never starved)")
+    text_actor_gpus: float = Field(0.0, ge=0)
+    vae_actors: int = Field(1, ge=1, description="VAE-encoder actors (only when vae.path is set)")
+    vae_actor_cpus: float = Field(0.5, gt=0)
+    vae_actor_gpus: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _source_path(self) -> "DataConfig":
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"data.path is required when data.source='{self.source}' (a local folder or an fsspec URI)")
+        if self.source == "digits" and self.path:
+            raise ValueError("data.path is only used by data.source='imagefolder' or 'parquet'; the built-in digits need none")
+        return self
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.channels or (1 if self.source == "digits" else 3))
 
 
 class TextEncoderConfig(_Section):

@@ -1,0 +1,73 @@
+"""Benchmark: distill the shipped digits teacher with several objectives under the same budget.
+
+Prints the demo table for each objective (teacher at 50 and 1 NFE, student at 1 and 2 NFE), writes
+``<workdir>/benchmarks/objectives.json`` and logs every row to MLflow (SQLite in the work directory).
+
+    python jobs/benchmark_objectives.py --objectives apex apex_literal regression --minutes 4.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--objectives", nargs="+", default=["apex", "apex_literal", "regression"])
+    p.add_argument("--minutes", type=float, default=4.5, help="distillation budget per objective")
+    p.add_argument("--workdir", default="./apex-runs")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+
+    import mlflow
+
+    from apexdistill.demo import demo_config
+    from apexdistill.eval.runner import DigitsBench, format_table
+    from apexdistill.models.build import build_backbone
+    from apexdistill.assets import resolve_model_path
+    from apexdistill.train.data import load_train_data
+    from apexdistill.train.driver import run_training
+    from apexdistill.train.export import load_trained_backbone
+
+    base = demo_config(args.workdir, overrides=[f"train.max_minutes={args.minutes}", *args.overrides])
+    data = load_train_data(base)
+    bench = DigitsBench(base, data.text_table, data.mask_table)
+    teacher = build_backbone(base.model.model_copy(update={"path": resolve_model_path(base.model.path)}), data.channels, data.resolution, data.text_dim).eval()
+    rows = bench.score("teacher", teacher, [base.eval.teacher_nfe], "euler") + bench.score("teacher", teacher, [1], "few_step")
+    timing = {}
+    for name in args.objectives:
+        cfg = demo_config(args.workdir, overrides=[f"train.max_minutes={args.minutes}", f"objective.name={name}", f"run.name=bench-{name}", *args.overrides])
+        t0 = time.time()
+        result = run_training(cfg)
+        timing[name] = {"train_minutes": (time.time() - t0) / 60, "steps": int(result.metrics.get("step", 0))}
+        student, _ = load_trained_backbone(result.run_dir, data=data)
+        rows += bench.score(f"student ({name})", student, cfg.eval.nfe, "few_step")
+
+    table = format_table(rows, bench.evaluator.floor_fd)
+    print(table)
+    for name, t in timing.items():
+        print(f"{name}: {t['steps']} steps in {t['train_minutes']:.1f} min")
+    out = Path(args.workdir) / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"rows": [r.as_dict() for r in rows], "floor_fd": bench.evaluator.floor_fd, "timing": timing}
+    (out / "objectives.json").write_text(json.dumps(record, indent=2))
+
+    mlflow.set_tracking_uri(f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}")
+    mlflow.set_experiment("benchmarks")
+    with mlflow.start_run(run_name="objectives"):
+        mlflow.log_params({"minutes": args.minutes, "objectives": ",".join(args.objectives)})
+        mlflow.log_metric("floor_fd", bench.evaluator.floor_fd)
+        for r in rows:
+            key = f"{r.model}_nfe{r.nfe}".replace(" ", "_").replace("(", "").replace(")", "")
+            mlflow.log_metric(f"{key}_fd", r.fd)
+            if r.accuracy is not None:
+                mlflow.log_metric(f"{key}_accuracy", r.accuracy)
+        mlflow.log_text(table, "objectives.txt")
+    print(f"written: {out / 'objectives.json'} and MLflow experiment 'benchmarks'")
+
+
+if __name__ == "__main__":
+    main()

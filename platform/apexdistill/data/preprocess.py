@@ -1,0 +1,600 @@
+"""Ray Data preprocessing: source rows -> cached text embeddings and latents (or pixels) in Parquet.
+
+Pipeline (one streaming Ray Data job, Ray's progress output on the console)::
+
+    plan rows --decode/convert/resize/crop/scale (CPU tasks)--> text encoder (actor pool)
+              --> VAE encoder (actor pool, only when vae.path is set) --> write_parquet (temp folder)
+              --> rejects.parquet, manifest.json (last) --> publish as CACHE_URI/<key>/
+
+A second run with the same inputs finds the manifest and returns before Ray is even started.
+Rows that cannot be used are never fatal on their own: they are recorded with a reason, and the job
+fails (publishing nothing) only when their share exceeds ``data.max_reject_fraction``.
+
+Cached row schema: ``x`` (C, H, W) float32 (pixels in [-1, 1] or VAE latents), ``text`` (L, D)
+float32, ``text_mask`` (L,) int64, ``caption`` str, ``label`` int64 (-1 when unknown), ``row_id`` str.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import posixpath
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import ray
+
+from apexdistill.config import Config
+from apexdistill.data.cache import DATA, REJECTS, CacheSpec, CacheStore, build_manifest, cache_spec, default_cache_uri, read_complete_manifest
+from apexdistill.data.sources import SourcePlan, arrow_fs, build_source, open_fs, read_parquet_fragment, reject, worker_visible
+
+# Name of an optional Ray actor that counts encoder-actor constructions (tests and tools create it
+# with ``EncoderProbe``; when it does not exist the encoders skip it).
+ENCODER_PROBE = "apexdistill-encoder-probe"
+COLUMNS = ("x", "text", "text_mask", "caption", "label", "row_id")
+TRAIN_COLUMNS = ("x", "text", "text_mask", "label")  # what iter_torch_batches can turn into tensors
+REJECT_COLUMNS = ("row_id", "file", "reason", "detail")
+MIN_ROWS_PER_FILE = 2048
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"} | _ALPHA_MODES
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": None, "F": None}
+
+
+class PreprocessError(ValueError):
+    """The preprocessing job failed for a reason the user can act on (too many rejects, no rows)."""
+
+
+class ImageProblem(ValueError):
+    """One row's image cannot be used; ``reason`` is the short category recorded in the rejects."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class CacheInfo:
+    """What ``run_preprocess`` produced or found."""
+
+    uri: str  # the cache folder CACHE_URI/<key> (pass it to read_cache)
+    key: str
+    hit: bool
+    rows: int
+    rejected: int
+    truncated: int
+    rejects_uri: str
+    manifest: dict[str, Any] = field(repr=False)
+    seconds: float = 0.0
+    encoder_actors: int = 0  # encoder actors constructed by this call (0 on a hit)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def load_image(data: bytes) -> Any:
+    """Bytes -> a fully decoded PIL image (first frame, EXIF orientation applied)."""
+    from PIL import Image, ImageOps
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.seek(0)
+        img.load()
+        return ImageOps.exif_transpose(img) if img.getexif() else img
+    except Exception as exc:  # PIL raises many types for corrupt, truncated or oversized files
+        raise ImageProblem("undecodable", f"cannot decode image: {type(exc).__name__}: {exc}") from None
+
+
+def _flatten_alpha(img: Any) -> Any:
+    """Transparent pixels over white (what a viewer shows), as RGB."""
+    from PIL import Image
+
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def prepare_image(img: Any, channels: int, resolution: int) -> np.ndarray:
+    """PIL image -> (C, R, R) float32 in [-1, 1]: mode conversion (grayscale 'L' for 1 channel, RGB
+    for 3; alpha over white; 16-bit kept at full precision), shorter side resized to R (bicubic,
+    antialiased), centre crop."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode in _WIDE_MODES:  # 16/32-bit integer or float grayscale: work in float 0..255
+        arr = np.asarray(img, dtype=np.float32)
+        scale = _WIDE_MODES[mode] or (1.0 if arr.max(initial=0) <= 1.0 and mode == "F" else 65535.0 if arr.max(initial=0) > 255 else 255.0)
+        img = Image.fromarray(np.clip(arr / scale, 0.0, 1.0) * 255.0, mode="F")
+    elif mode in _EIGHT_BIT_MODES:
+        if mode in _ALPHA_MODES or "transparency" in img.info:
+            img = _flatten_alpha(img)
+        img = img.convert("L" if channels == 1 else "RGB")
+    else:
+        raise ImageProblem("unsupported_mode", f"unsupported image mode '{mode}'")
+
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageProblem("undecodable", f"empty image ({w}x{h})")
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    if size != (w, h):
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    if arr.shape[0] != channels:  # a float grayscale image asked for 3 channels
+        arr = np.repeat(arr, channels, axis=0)
+    return np.clip(arr, -1.0, 1.0).astype(np.float32)
+
+
+def decode_image_bytes(data: bytes, channels: int, resolution: int) -> np.ndarray:
+    return prepare_image(load_image(data), channels, resolution)
+
+
+# ----------------------------------------------------------------------------- stats side channel
+
+
+@ray.remote(num_cpus=0)
+class _BuildStats:
+    """Collects rejects, truncated captions and encoder constructions from tasks and actors (keyed by
+    row id, so a retried batch is not counted twice)."""
+
+    def __init__(self) -> None:
+        self.rejects: dict[str, dict[str, str]] = {}
+        self.truncated: set[str] = set()
+        self.encoders: Counter = Counter()
+
+    def add_rejects(self, rows: list[dict[str, str]]) -> None:
+        for row in rows:
+            self.rejects[row["row_id"]] = row
+
+    def add_truncated(self, row_ids: list[str]) -> None:
+        self.truncated.update(row_ids)
+
+    def encoder_started(self, kind: str) -> None:
+        self.encoders[kind] += 1
+
+    def summary(self) -> dict[str, Any]:
+        return {"rejects": list(self.rejects.values()), "truncated": len(self.truncated), "encoders": dict(self.encoders)}
+
+
+@ray.remote(num_cpus=0)
+class EncoderProbe:
+    """Counts encoder-actor constructions: ``EncoderProbe.options(name=ENCODER_PROBE).remote()``."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def record(self, kind: str) -> None:
+        self.counts[kind] += 1
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def _announce_encoder(kind: str, stats: Any) -> None:
+    ray.get(stats.encoder_started.remote(kind))
+    try:
+        probe = ray.get_actor(ENCODER_PROBE)
+    except ValueError:
+        return
+    ray.get(probe.record.remote(kind))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _batches(rows: dict[str, list], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Decoded rows -> numpy batches (nothing yielded for an empty list: an empty tensor column
+    would not convert to Arrow)."""
+    n = len(rows["row_id"])
+    for i in range(0, n, batch_size):
+        yield {
+            "x": np.stack(rows["x"][i : i + batch_size]).astype(np.float32),
+            "caption": np.array(rows["caption"][i : i + batch_size], dtype=object),
+            "label": np.array(rows["label"][i : i + batch_size], dtype=np.int64),
+            "row_id": np.array(rows["row_id"][i : i + batch_size], dtype=object),
+        }
+
+
+def _decode_rows(items: list[dict[str, Any]], fs: Any, channels: int, resolution: int, stats: Any) -> dict[str, list]:
+    out: dict[str, list] = {"x": [], "caption": [], "label": [], "row_id": []}
+    rejected = []
+    for item in items:
+        try:
+            if item.get("reason"):
+                raise ImageProblem(item["reason"], item.get("detail", ""))
+            data = item.get("data") or b""
+            if not data:
+                try:
+                    data = fs.cat_file(item["path"])
+                except FileNotFoundError:
+                    raise ImageProblem("missing_file", f"'{item['file']}' does not exist") from None
+                except OSError as exc:
+                    raise ImageProblem("unreadable", f"cannot read '{item['file']}': {exc}") from None
+            x = decode_image_bytes(data, channels, resolution)
+        except ImageProblem as problem:
+            rejected.append(reject(str(item["row_id"]), str(item.get("file") or ""), (problem.reason, str(problem))))
+            continue
+        out["x"].append(x)
+        out["caption"].append(str(item["caption"]))
+        out["label"].append(int(item["label"]))
+        out["row_id"].append(str(item["row_id"]))
+    if rejected:
+        ray.get(stats.add_rejects.remote(rejected))
+    return out
+
+
+def _rows_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [{k: batch[k][i] for k in keys} for i in range(n)]
+
+
+def decode_files(batch: dict[str, np.ndarray], *, fs: Any, channels: int, resolution: int, stats: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    yield from _batches(_decode_rows(_rows_of(batch), fs, channels, resolution, stats), batch_size)
+
+
+def decode_parquet_fragments(batch: dict[str, np.ndarray], *, fs: Any, base: str, data_cfg: Any, channels: int, resolution: int, stats: Any,
+                             batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    for frag in _rows_of(batch):
+        frag = {**frag, "columns": list(frag["columns"])}
+        rows = read_parquet_fragment(fs, base, frag, data_cfg)
+        for i in range(0, len(rows), batch_size):
+            yield from _batches(_decode_rows(rows[i : i + batch_size], fs, channels, resolution, stats), batch_size)
+
+
+def decode_digits(batch: dict[str, np.ndarray], *, channels: int, resolution: int) -> dict[str, np.ndarray]:
+    """The built-in digits go through ``data/digits.py``'s own upscaling, so the cache holds exactly the
+    pixels the in-memory path trains on."""
+    from apexdistill.data.digits import upscale
+
+    pixels = np.stack([np.asarray(p, dtype=np.float32) for p in batch["pixels"]]).reshape(-1, 8, 8)
+    x = upscale(pixels, resolution).numpy()
+    if channels == 3:
+        x = np.repeat(x, 3, axis=1)
+    return {"x": x, "caption": batch["caption"].astype(object), "label": batch["label"].astype(np.int64), "row_id": batch["row_id"].astype(object)}
+
+
+def encode_text(encoder: Any, captions: list[str], device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Captions -> (states (B, L, D) float32, mask (B, L) int64, truncated (B,) bool).
+
+    Same computation as ``TextEncoder.encode`` (pad to max_length, truncate), done once per distinct
+    caption in the batch and on ``device``."""
+    import torch
+
+    unique, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
+    texts = [str(t) for t in unique]
+    states, masks = [], []
+    with torch.no_grad():
+        for i in range(0, len(texts), 256):
+            tok = encoder.tokenizer(texts[i : i + 256], padding="max_length", truncation=True, max_length=encoder.max_length, return_tensors="pt")
+            out = encoder.model(input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device))
+            states.append(out.last_hidden_state.float().cpu())
+            masks.append(tok["attention_mask"].long())
+    lengths = [len(ids) for ids in encoder.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+    too_long = np.array([n > encoder.max_length for n in lengths], dtype=bool)
+    return torch.cat(states).numpy()[inverse], torch.cat(masks).numpy()[inverse], too_long[inverse]
+
+
+class TextEncodeStage:
+    """Actor: holds the text encoder, adds ``text`` and ``text_mask`` to each batch."""
+
+    def __init__(self, path: str, max_length: int, identity: str, device: str, stats: Any) -> None:
+        from apexdistill.models.text import TextEncoder
+
+        self.encoder = TextEncoder(path, max_length)
+        if self.encoder.identity != identity:  # the key was computed from config.json: it must match
+            raise RuntimeError(f"text encoder identity {self.encoder.identity} differs from the cache key's {identity}")
+        self.device = device
+        self.encoder.to(device)
+        self.stats = stats
+        _announce_encoder("text", stats)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        states, mask, truncated = encode_text(self.encoder, list(batch["caption"]), self.device)
+        if truncated.any():
+            ray.get(self.stats.add_truncated.remote([str(r) for r in batch["row_id"][truncated]]))
+        return {"x": batch["x"], "text": states, "text_mask": mask, "caption": batch["caption"], "label": batch["label"], "row_id": batch["row_id"]}
+
+
+class VaeEncodeStage:
+    """Actor: holds the VAE, replaces pixel ``x`` by latents (posterior mean, scaled)."""
+
+    def __init__(self, path: str, channels: int, identity: str, device: str, stats: Any) -> None:
+        from apexdistill.config import VaeConfig
+        from apexdistill.models.vae import build_vae
+
+        self.vae = build_vae(VaeConfig(path=path), channels)
+        if self.vae.identity != identity:
+            raise RuntimeError(f"VAE identity {self.vae.identity} differs from the cache key's {identity}")
+        self.device = device
+        self.vae.to(device)
+        _announce_encoder("vae", stats)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        latents = self.vae.encode(torch.from_numpy(np.array(batch["x"], dtype=np.float32)).to(self.device)).float().cpu().numpy()
+        return {**batch, "x": latents}
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def check_resources(cfg: Config) -> None:
+    """Refuse actor settings that would leave no CPU for the decode and write tasks (the pipeline
+    would wait forever, RAY_NOTES.md)."""
+    d = cfg.data
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    actors = d.text_actors * d.text_actor_cpus + (d.vae_actors * d.vae_actor_cpus if cfg.vae.path else 0.0)
+    if actors + d.decode_cpus > total + 1e-9:
+        vae = f" + data.vae_actors x data.vae_actor_cpus ({d.vae_actors} x {d.vae_actor_cpus})" if cfg.vae.path else ""
+        raise ValueError(
+            f"preprocess actors need data.text_actors x data.text_actor_cpus ({d.text_actors} x {d.text_actor_cpus}){vae} "
+            f"= {actors:g} CPUs, plus data.decode_cpus={d.decode_cpus:g} for the decode tasks, but the Ray cluster has {total:g} CPUs; "
+            "lower the actor counts or use fractional CPUs (e.g. 0.5)"
+        )
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    want = d.text_actors * d.text_actor_gpus + (d.vae_actors * d.vae_actor_gpus if cfg.vae.path else 0.0)
+    if want > gpus + 1e-9:
+        raise ValueError(f"data.text_actor_gpus / data.vae_actor_gpus ask for {want:g} GPUs, the Ray cluster has {gpus:g}")
+
+
+def build_dataset(cfg: Config, spec: CacheSpec, plan: SourcePlan, stats: Any, base: str = "") -> "ray.data.Dataset":
+    """The lazy Ray Data pipeline from plan rows to cache rows (not executed here)."""
+    d = cfg.data
+    channels, res = d.image_channels, d.resolution
+    per_block = 1 if plan.kind == "parquet" else d.batch_size
+    blocks = max(1, min(math.ceil(len(plan.rows) / per_block), 1024))
+    ds = ray.data.from_items(plan.rows, override_num_blocks=blocks)
+    common = dict(batch_format="numpy", num_cpus=d.decode_cpus)
+    if plan.kind == "digits":
+        ds = ds.map_batches(decode_digits, batch_size=d.batch_size, fn_kwargs=dict(channels=channels, resolution=res), **common)
+    elif plan.kind == "files":
+        kw = dict(fs=plan.fs, channels=channels, resolution=res, stats=stats, batch_size=d.batch_size)
+        ds = ds.map_batches(decode_files, batch_size=d.batch_size, fn_kwargs=kw, **common)
+    else:
+        kw = dict(fs=plan.fs, base=base, data_cfg=d, channels=channels, resolution=res, stats=stats, batch_size=d.batch_size)
+        ds = ds.map_batches(decode_parquet_fragments, batch_size=1, fn_kwargs=kw, **common)
+
+    device = "cuda" if d.text_actor_gpus > 0 else "cpu"
+    ds = ds.map_batches(
+        TextEncodeStage, batch_size=d.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=d.text_actors), num_cpus=d.text_actor_cpus, num_gpus=d.text_actor_gpus or None,
+        fn_constructor_kwargs=dict(path=spec.text["path"], max_length=spec.text["max_length"], identity=spec.text["identity"], device=device, stats=stats),
+    )
+    if cfg.vae.path:
+        device = "cuda" if d.vae_actor_gpus > 0 else "cpu"
+        ds = ds.map_batches(
+            VaeEncodeStage, batch_size=d.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=d.vae_actors), num_cpus=d.vae_actor_cpus, num_gpus=d.vae_actor_gpus or None,
+            fn_constructor_kwargs=dict(path=spec.vae["path"], channels=channels, identity=spec.vae["identity"], device=device, stats=stats),
+        )
+    return ds
+
+
+def _write(ds: "ray.data.Dataset", store: CacheStore, tmp: str, decode_cpus: float) -> None:
+    """``write_parquet`` into ``tmp/data``; for a process-local store (memory://) Ray writes to a
+    local staging folder and the driver copies the files over."""
+    write_kw = dict(min_rows_per_file=MIN_ROWS_PER_FILE, mode=ray.data.SaveMode.OVERWRITE, ray_remote_args={"num_cpus": min(1.0, decode_cpus)})
+    target = posixpath.join(tmp, DATA)
+    if worker_visible(store.fs):
+        ds.write_parquet(target, filesystem=arrow_fs(store.fs), **write_kw)
+        return
+    with tempfile.TemporaryDirectory(prefix="apexdistill-stage-") as stage:
+        ds.write_parquet(stage, **write_kw)
+        store.fs.makedirs(target, exist_ok=True)
+        for f in sorted(Path(stage).glob("*.parquet")):
+            store.fs.put_file(str(f), posixpath.join(target, f.name))
+
+
+def _data_files(fs: Any, folder: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Manifest entries for the written data files, and column shapes/dtypes from their schema."""
+    import pyarrow.parquet as pq
+
+    import ray.data  # noqa: F401  (registers Ray's tensor extension types for the schema below)
+
+    files, columns = [], {}
+    data_dir = posixpath.join(folder, DATA)
+    names = sorted(n for n in fs.find(data_dir) if n.endswith(".parquet")) if fs.exists(data_dir) else []
+    for name in names:
+        with fs.open(name, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+            if not columns:
+                columns = _column_info(meta.schema.to_arrow_schema())
+        files.append({"path": name[len(folder) + 1 :], "rows": meta.num_rows, "bytes": fs.info(name)["size"]})
+    return files, columns
+
+
+def _column_info(schema: Any) -> dict[str, Any]:
+    out = {}
+    for fld in schema:
+        typ = fld.type
+        if hasattr(typ, "shape") and hasattr(typ, "storage_type"):  # Ray's fixed-shape tensor column
+            out[fld.name] = {"dtype": np.dtype(typ.storage_type.value_type.to_pandas_dtype()).name, "shape": list(typ.shape)}
+        else:
+            out[fld.name] = {"dtype": "str" if str(typ) in ("string", "large_string") else str(typ), "shape": []}
+    return out
+
+
+def _write_rejects(fs: Any, path: str, rejects: list[dict[str, str]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({c: pa.array([r.get(c, "") for r in rejects], type=pa.string()) for c in REJECT_COLUMNS})
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        pq.write_table(table, fh)
+
+
+def _ensure_ray() -> None:
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS or a local instance sized to the machine
+
+
+def _summary_line(rows: int, rejected: int, total: int, truncated: int, max_length: int) -> str:
+    share = 100.0 * rejected / max(1, total)
+    return f"{rows} rows cached, {rejected} rejected ({share:.1f}%), {truncated} caption(s) truncated to {max_length} tokens"
+
+
+def _info_from_manifest(store: CacheStore, key: str, manifest: dict[str, Any], hit: bool, seconds: float, encoders: int = 0) -> CacheInfo:
+    folder = store.path(key)
+    return CacheInfo(
+        uri=store.to_uri(folder), key=key, hit=hit, rows=int(manifest["rows"]), rejected=int(manifest["rejected"]),
+        truncated=int(manifest["truncated_captions"]), rejects_uri=store.to_uri(posixpath.join(folder, REJECTS)),
+        manifest=manifest, seconds=seconds, encoder_actors=encoders,
+    )
+
+
+def _check_rejects(cfg: Config, store: CacheStore, spec: CacheSpec, rejects: list[dict[str, str]], total: int, rows_left: int) -> None:
+    """Fail (writing the rejects where the user can read them, never into a cache folder) when no
+    rows are left or the reject share is above ``data.max_reject_fraction``."""
+    share = len(rejects) / max(1, total)
+    if rows_left > 0 and share <= cfg.data.max_reject_fraction:
+        return
+    failed = store.path(f"failed-{spec.key}", REJECTS)
+    _write_rejects(store.fs, failed, sorted(rejects, key=lambda r: r["row_id"]))
+    reasons = ", ".join(f"{k}: {v}" for k, v in Counter(r["reason"] for r in rejects).most_common())
+    why = "no usable rows left" if rows_left == 0 else f"above data.max_reject_fraction={cfg.data.max_reject_fraction:g}"
+    raise PreprocessError(
+        f"{len(rejects)} of {total} rows rejected ({100 * share:.1f}%), {why} ({reasons or 'no rejects'}); "
+        f"see the rejects table {store.to_uri(failed)}; nothing was published"
+    )
+
+
+def run_preprocess(cfg: Config, force: bool = False, *, on_written: Callable[[str], None] | None = None) -> CacheInfo:
+    """Build (or find) the cache for ``cfg``. ``force`` rebuilds even when a complete cache exists;
+    a failed rebuild leaves the old cache as it was.
+
+    ``on_written(tmp_uri)`` runs after the data files are written and before the manifest: a hook
+    for tests that simulate a crash in the writer step."""
+    started = time.time()
+    source = build_source(cfg.data)
+    spec = cache_spec(cfg, source)
+    store = CacheStore(default_cache_uri(cfg))
+    if not force:
+        manifest = store.read_manifest(spec.key)
+        if manifest is not None:
+            info = _info_from_manifest(store, spec.key, manifest, hit=True, seconds=time.time() - started)
+            print(f"[preprocess] cache hit: {info.uri} ({info.rows} rows; nothing encoded)", flush=True)
+            return info
+
+    print(f"[preprocess] {'rebuilding (--force)' if force else 'building'}: {source.describe()} -> {store.to_uri(store.path(spec.key))}", flush=True)
+    removed = store.cleanup_incomplete(spec.key)
+    if removed:
+        print(f"[preprocess] removed incomplete build(s): {', '.join(removed)}", flush=True)
+    plan = source.plan()
+    if plan.total_rows == 0:
+        raise PreprocessError(f"data.path: the source {source.describe()} has no rows")
+    # rows rejected on the driver (missing files, empty captions, paths outside the root) can fail the
+    # job before any encoder starts
+    _check_rejects(cfg, store, spec, plan.rejects, plan.total_rows, rows_left=len(plan.rows))
+    _ensure_ray()
+    check_resources(cfg)
+
+    stats = _BuildStats.remote()
+    tmp = store.new_tmp(spec.key)
+    try:
+        _write(build_dataset(cfg, spec, plan, stats, base=getattr(source, "base", "")), store, tmp, cfg.data.decode_cpus)
+        summary = ray.get(stats.summary.remote())
+        rejects = sorted(plan.rejects + summary["rejects"], key=lambda r: r["row_id"])
+        files, columns = _data_files(store.fs, tmp)
+        rows, total = sum(f["rows"] for f in files), plan.total_rows
+        reasons = dict(Counter(r["reason"] for r in rejects).most_common())
+        print(f"[preprocess] {_summary_line(rows, len(rejects), total, summary['truncated'], spec.text['max_length'])}", flush=True)
+        if reasons:
+            print("[preprocess] rejects by reason: " + ", ".join(f"{k} {v}" for k, v in reasons.items()), flush=True)
+        _check_rejects(cfg, store, spec, rejects, total, rows_left=rows)
+        if columns.get("x", {}).get("shape") != spec.x_shape or columns.get("text", {}).get("shape") != spec.text_shape:
+            raise RuntimeError(f"written columns {columns} do not match the expected x {spec.x_shape} / text {spec.text_shape}")
+
+        _write_rejects(store.fs, posixpath.join(tmp, REJECTS), rejects)
+        if on_written is not None:
+            on_written(store.to_uri(tmp))
+        d = cfg.data
+        manifest = build_manifest(
+            spec, source=str(d.path or "builtin:digits"), rows=rows, rejected=len(rejects), truncated=summary["truncated"], files=files,
+            columns=columns, reject_reasons=reasons, seconds=time.time() - started,
+            settings={"resolution": d.resolution, "channels": d.image_channels, "source": d.source, "limit": d.limit,
+                      "max_reject_fraction": d.max_reject_fraction, "text_actors": d.text_actors, "vae_actors": d.vae_actors if cfg.vae.path else 0},
+        )
+        store.publish(tmp, spec.key, manifest)
+    except BaseException:
+        store.discard(tmp)
+        raise
+    finally:
+        ray.kill(stats)
+    info = _info_from_manifest(store, spec.key, manifest, hit=False, seconds=time.time() - started, encoders=sum(summary["encoders"].values()))
+    print(f"[preprocess] cache: {info.uri} (rejects: {info.rejects_uri}) in {info.seconds:.1f} s", flush=True)
+    return info
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _open_cache(uri: str) -> tuple[Any, str, dict[str, Any]]:
+    fs, folder = open_fs(uri)
+    manifest = read_complete_manifest(fs, folder)
+    if manifest is None:
+        raise FileNotFoundError(f"'{uri}' is not a complete preprocessing cache (no valid {posixpath.join(uri, 'manifest.json')}); run `apexdistill preprocess`")
+    return fs, folder, manifest
+
+
+def read_cache(uri: str, columns: Sequence[str] | None = TRAIN_COLUMNS) -> "ray.data.Dataset":
+    """A cache folder (``CacheInfo.uri``) -> a Ray Dataset for ``TorchTrainer(datasets=...)``.
+
+    By default only the tensor columns (``TRAIN_COLUMNS``), so ``iter_torch_batches`` works as is;
+    ``columns=None`` keeps ``caption`` and ``row_id`` too."""
+    fs, folder, manifest = _open_cache(uri)
+    paths = [posixpath.join(folder, f["path"]) for f in manifest["files"]]
+    cols = list(columns) if columns is not None else None
+    if worker_visible(fs):
+        ds = ray.data.read_parquet(paths, filesystem=arrow_fs(fs))
+        return ds.select_columns(cols) if cols else ds
+    import pyarrow.parquet as pq
+
+    tables = []
+    for p in paths:  # process-local store: the driver reads, Ray ships the blocks
+        with fs.open(p, "rb") as fh:
+            tables.append(pq.read_table(fh, columns=cols))
+    return ray.data.from_arrow(tables)
+
+
+def load_cache_tensors(uri: str) -> dict[str, Any]:
+    """A (small) cache -> torch tensors in ``row_id`` order: x, text, text_mask, label (tensors) and
+    caption, row_id (lists). No Ray needed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    import ray.data  # noqa: F401  (registers Ray's tensor extension type so tensor columns convert)
+
+    fs, folder, manifest = _open_cache(uri)
+    tables = []
+    for f in manifest["files"]:
+        with fs.open(posixpath.join(folder, f["path"]), "rb") as fh:
+            tables.append(pq.read_table(fh))
+    if not tables:
+        raise ValueError(f"cache '{uri}' has no rows")
+    table = pa.concat_tables(tables)
+    row_ids = table.column("row_id").to_pylist()
+    order = np.argsort(np.asarray(row_ids, dtype=object).astype(str), kind="stable")
+
+    def tensor(name: str) -> torch.Tensor:
+        col = table.column(name)
+        arr = np.concatenate([chunk.to_numpy() for chunk in col.chunks]) if col.num_chunks else np.zeros(0)
+        return torch.from_numpy(np.ascontiguousarray(arr[order]))
+
+    captions = table.column("caption").to_pylist()
+    return {
+        "x": tensor("x"), "text": tensor("text"), "text_mask": tensor("text_mask"), "label": tensor("label"),
+        "caption": [captions[i] for i in order], "row_id": [row_ids[i] for i in order],
+    }
