@@ -28,14 +28,13 @@ def main() -> None:
     from apexdistill.eval.runner import DigitsBench, format_table
     from apexdistill.models.build import build_backbone
     from apexdistill.assets import resolve_model_path
-    from apexdistill.train.data import load_train_data
+    from apexdistill.train.data import digit_caption_table
     from apexdistill.train.driver import run_training
     from apexdistill.train.export import load_trained_backbone
 
     base = demo_config(args.workdir, overrides=[f"train.max_minutes={args.minutes}", *args.overrides])
-    data = load_train_data(base)
-    bench = DigitsBench(base, data.text_table, data.mask_table)
-    teacher = build_backbone(base.model.model_copy(update={"path": resolve_model_path(base.model.path)}), data.channels, data.resolution, data.text_dim).eval()
+    bench = DigitsBench(base, *digit_caption_table(base))
+    teacher = build_backbone(base.model.model_copy(update={"path": resolve_model_path(base.model.path)}), 1, base.data.resolution, 384).eval()
     rows = bench.score("teacher", teacher, [base.eval.teacher_nfe], "euler") + bench.score("teacher", teacher, [1], "few_step")
     timing = {}
     for name in args.objectives:
@@ -43,7 +42,7 @@ def main() -> None:
         t0 = time.time()
         result = run_training(cfg)
         timing[name] = {"train_minutes": (time.time() - t0) / 60, "steps": int(result.metrics.get("step", 0))}
-        student, _ = load_trained_backbone(result.run_dir, data=data)
+        student, _ = load_trained_backbone(result.run_dir)
         rows += bench.score(f"student ({name})", student, cfg.eval.nfe, "few_step")
 
     table = format_table(rows, bench.evaluator.floor_fd)

@@ -17,12 +17,18 @@ pytestmark = pytest.mark.timeout(240)
 TINY = ["train.batch_size=16", "train.log_every=2", "eval.samples_per_class=2"]
 
 
-def _cfg(tmp_path, *overrides):
-    return build_config({}, [f"run.workdir={tmp_path}", *TINY, *overrides])
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One preprocessed digits cache for the module: the first run builds it, the rest hit it."""
+    return str(tmp_path_factory.mktemp("cache"))
 
 
-def test_fm_trains_checkpoints_and_resumes(tmp_path):
-    cfg = _cfg(tmp_path, "run.name=fm", "objective.name=fm", "train.steps=3", "train.lr=1e-3")
+def _cfg(tmp_path, shared_cache, *overrides):
+    return build_config({}, [f"run.workdir={tmp_path}", f"data.cache_uri={shared_cache}", *TINY, *overrides])
+
+
+def test_fm_trains_checkpoints_and_resumes(tmp_path, shared_cache):
+    cfg = _cfg(tmp_path, shared_cache, "run.name=fm", "objective.name=fm", "train.steps=3", "train.lr=1e-3")
     first = run_training(cfg)
     state = json.loads((first.checkpoint_dir / "trainer_state.json").read_text())
     assert state["step"] == 3
@@ -30,7 +36,7 @@ def test_fm_trains_checkpoints_and_resumes(tmp_path):
     weights_3 = load_file(str(first.checkpoint_dir / "model.safetensors"))
 
     # same run name, more steps: resumes at 3 and continues to 5 (does not start over)
-    second = run_training(_cfg(tmp_path, "run.name=fm", "objective.name=fm", "train.steps=5", "train.lr=1e-3"))
+    second = run_training(_cfg(tmp_path, shared_cache, "run.name=fm", "objective.name=fm", "train.steps=5", "train.lr=1e-3"))
     assert json.loads((second.checkpoint_dir / "trainer_state.json").read_text())["step"] == 5
     assert second.checkpoint_dir != first.checkpoint_dir
     weights_5 = load_file(str(second.checkpoint_dir / "model.safetensors"))
@@ -39,8 +45,8 @@ def test_fm_trains_checkpoints_and_resumes(tmp_path):
     assert latest_checkpoint(second.run_dir) == second.checkpoint_dir
 
 
-def test_apex_with_learnable_shift_updates_shift_and_exports(tmp_path):
-    cfg = _cfg(tmp_path, "run.name=apex", "objective.shift.learnable=true", "objective.shift.lr_mult=10", "train.steps=3", "train.lr=1e-3")
+def test_apex_with_learnable_shift_updates_shift_and_exports(tmp_path, shared_cache):
+    cfg = _cfg(tmp_path, shared_cache, "run.name=apex", "objective.shift.learnable=true", "objective.shift.lr_mult=10", "train.steps=3", "train.lr=1e-3")
     result = run_training(cfg)
     shift = load_file(str(result.checkpoint_dir / "objective.safetensors"))
     assert float(shift["shift.a"]) != -1.0 or float(shift["shift.b"]) != 0.0
@@ -64,3 +70,17 @@ def test_apex_with_learnable_shift_updates_shift_and_exports(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
         load_trained_backbone(tmp_path)
+
+
+def test_streaming_shard_trains(tmp_path, shared_cache):
+    """With in_memory_max_mb=0 the worker streams its shard with iter_torch_batches over epochs."""
+    from apexdistill.data.preprocess import read_cache, run_preprocess
+    from apexdistill.train.data import StreamingBatches, shard_batches
+
+    cfg = _cfg(tmp_path, shared_cache, "run.name=stream", "objective.name=fm", "train.steps=2", "data.in_memory_max_mb=0")
+    cache = run_preprocess(cfg)
+    batches = shard_batches(read_cache(cache.uri), cfg, cache.rows, 10_000, seed=0)
+    assert isinstance(batches, StreamingBatches)
+    seen = sum(batches.next(16)["x"].shape[0] for _ in range(cache.rows // 16 + 3))  # crosses an epoch boundary
+    assert seen == 16 * (cache.rows // 16 + 3) and batches.epoch >= 1
+    assert run_training(cfg).metrics["step"] == 2

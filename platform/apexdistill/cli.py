@@ -33,10 +33,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from apexdistill.data.preprocess import run_preprocess
 
     cfg = load_config(args.config, [*args.overrides, *([f"run.workdir={args.workdir}"] if args.workdir else [])])
-    if args.address:
-        import ray
+    from apexdistill.train.driver import ensure_ray
 
-        ray.init(address=args.address)
+    ensure_ray(args.address)
     info = run_preprocess(cfg, force=args.force)
     state = "hit (nothing encoded)" if info.hit else "built"
     print(f"[preprocess] {state}: {info.rows} rows, {info.rejected} rejected, {info.truncated} truncated captions")
@@ -53,15 +52,14 @@ def _load_model_arg(path: str, use_ema: bool):
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from apexdistill.eval.runner import DigitsBench, format_table
-    from apexdistill.train.data import load_train_data
+    from apexdistill.train.data import digit_caption_table
 
     model, cfg = _load_model_arg(args.run, use_ema=not args.raw)
     if args.workdir:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workdir": args.workdir})})
     if args.samples_per_class:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"samples_per_class": args.samples_per_class})})
-    data = load_train_data(cfg)
-    bench = DigitsBench(cfg, data.text_table, data.mask_table)
+    bench = DigitsBench(cfg, *digit_caption_table(cfg))
     rows = bench.score(Path(args.run).name, model, args.nfe, "euler" if args.euler else "few_step")
     print(format_table(rows, bench.evaluator.floor_fd))
     return 0

@@ -55,6 +55,7 @@ class DataConfig(_Section):
     vae_actors: int = Field(1, ge=1, description="VAE-encoder actors (only when vae.path is set)")
     vae_actor_cpus: float = Field(0.5, gt=0)
     vae_actor_gpus: float = Field(0.0, ge=0)
+    in_memory_max_mb: float = Field(1024, ge=0, description="training shards up to this size are read once into RAM; larger ones stream")
 
     @model_validator(mode="after")
     def _source_path(self) -> "DataConfig":
@@ -141,6 +142,8 @@ class ApexConfig(_Section):
     lambda_g: float = Field(1.0, ge=0)
     lambda_p: float = Field(1.0, ge=0)
     lambda_r: float = Field(1.0, ge=0)
+    generator_warmup_steps: int = Field(0, ge=0, description="steps with lambda_g = 0 so the fake branch first learns the one-step samples")
+    generator_ramp_steps: int = Field(0, ge=0, description="then lambda_g ramps linearly to its value over this many steps")
 
     @model_validator(mode="after")
     def _range(self) -> "ApexConfig":

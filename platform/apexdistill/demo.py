@@ -26,8 +26,9 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
     from apexdistill.assets import resolve_model_path
     from apexdistill.eval.runner import DigitsBench, format_table
     from apexdistill.models.build import build_backbone
-    from apexdistill.train.data import load_train_data
-    from apexdistill.train.driver import run_dir, run_training
+    from apexdistill.data.preprocess import run_preprocess
+    from apexdistill.train.data import DataShapes, digit_caption_table
+    from apexdistill.train.driver import ensure_ray, run_dir, run_training
     from apexdistill.train.export import load_trained_backbone
 
     cfg = demo_config(workdir, quick, overrides)
@@ -38,29 +39,34 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
     if previous.exists():  # the demo always distills afresh; other runs resume instead
         shutil.rmtree(previous)
 
-    print(f"[demo] 1/4 data and evaluator (workdir {Path(cfg.run.workdir).resolve()})", flush=True)
-    data = load_train_data(cfg)
-    bench = DigitsBench(cfg, data.text_table, data.mask_table)
+    print(f"[demo] 1/5 preprocess: Ray Data -> Parquet cache (workdir {Path(cfg.run.workdir).resolve()})", flush=True)
+    ensure_ray()
+    cache = run_preprocess(cfg)
+    shapes = DataShapes.from_manifest(cache.manifest, cache.uri)
+    print(f"[demo]     {'cache hit' if cache.hit else 'cached'}: {cache.rows} rows at {cache.uri}", flush=True)
+
+    print("[demo] 2/5 evaluator and teacher", flush=True)
+    bench = DigitsBench(cfg, *digit_caption_table(cfg))
     info = bench.classifier_info
     accuracy = "n/a" if info.get("real_accuracy") is None else f"{100 * info['real_accuracy']:.1f}%"
     print(f"[demo]     evaluator ({info['feature_extractor']}): {accuracy} on the real test split; "
           f"real-data floor FD {bench.evaluator.floor_fd:.2f}", flush=True)
 
     teacher_cfg = cfg.model.model_copy(update={"path": resolve_model_path(cfg.model.path)})
-    teacher = build_backbone(teacher_cfg, data.channels, data.resolution, data.text_dim).eval()
+    teacher = build_backbone(teacher_cfg, shapes.channels, shapes.resolution, shapes.text_dim).eval()
 
-    print(f"[demo] 2/4 distilling with '{cfg.objective.name}' (Ray Train, local mode)", flush=True)
+    print(f"[demo] 3/5 distilling with '{cfg.objective.name}' (Ray Train, local mode)", flush=True)
     t0 = time.time()
     result = run_training(cfg)
     train_minutes = (time.time() - t0) / 60
-    student, _ = load_trained_backbone(result.run_dir, use_ema=cfg.eval.use_ema, data=data)
+    student, _ = load_trained_backbone(result.run_dir, use_ema=cfg.eval.use_ema)
 
-    print("[demo] 3/4 evaluating (same prompts and noise for every row)", flush=True)
+    print("[demo] 4/5 evaluating (same prompts and noise for every row)", flush=True)
     rows = bench.score("teacher", teacher, [cfg.eval.teacher_nfe], "euler")
     rows += bench.score("teacher", teacher, [1], "few_step")
     rows += bench.score(f"student ({cfg.objective.name})", student, cfg.eval.nfe, "few_step")
 
-    print("[demo] 4/4 report", flush=True)
+    print("[demo] 5/5 report", flush=True)
     grid = bench.grid(
         [("teacher", teacher, cfg.eval.teacher_nfe, "euler"), ("teacher", teacher, 1, "few_step")]
         + [("student", student, n, "few_step") for n in cfg.eval.nfe],

@@ -73,16 +73,28 @@ class Apex(Objective):
         loss_gen = mse(v_gen, (v_gen - correction).detach()).mean()  # 4.
         loss_fake = mse(v_fake_s, velocity_target(x_g, z2)).mean()  # 5.
         loss_real = mse(v_real_x, velocity_target(x, z3)).mean()  # 6.
-        loss = p.lambda_g * loss_gen + p.lambda_p * loss_fake + p.lambda_r * loss_real
+        lambda_g = p.lambda_g * generator_ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)
+        loss = lambda_g * loss_gen + p.lambda_p * loss_fake + p.lambda_r * loss_real
         return loss, scalar_metrics(
             loss=loss,
             loss_gen=loss_gen,
             loss_fake=loss_fake,
             loss_real=loss_real,
             correction_abs=correction.abs().mean(),
+            lambda_g_eff=lambda_g,
             shift_a=self.shift.a,
             shift_b=self.shift.b,
         )
+
+
+def generator_ramp(step: int, warmup: int, ramp: int) -> float:
+    """0 during the warm-up (the fake branch learns the current one-step samples first), then a
+    linear ramp to 1: a cold-started fake branch would otherwise feed the generator noise."""
+    if step < warmup:
+        return 0.0
+    if ramp <= 0:
+        return 1.0
+    return min(1.0, (step - warmup + 1) / ramp)
 
 
 def _split(v: Tensor, n: int) -> tuple[Tensor, Tensor]:

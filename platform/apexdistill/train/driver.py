@@ -48,11 +48,16 @@ def run_training(cfg: Config, address: str | None = None) -> TrainResult:
 
     from apexdistill.train.loop import train_loop_per_worker
 
+    from apexdistill.data.preprocess import read_cache, run_preprocess
+    from apexdistill.train.data import DataShapes, row_bytes
+
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "config.yaml")
-    if cfg.train.num_workers > 0:
-        ensure_ray(address)
+    ensure_ray(address)
+    cache = run_preprocess(cfg)  # a cache hit costs milliseconds and encodes nothing
+    shapes = DataShapes.from_manifest(cache.manifest, cache.uri)
+    shapes.save(out)
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.train.num_workers,
         use_gpu=False,
@@ -60,7 +65,9 @@ def run_training(cfg: Config, address: str | None = None) -> TrainResult:
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(out)},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(out), "shapes": shapes.__dict__,
+                           "row_bytes": row_bytes(cache.manifest)},
+        datasets={"train": read_cache(cache.uri)},
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=cfg.run.name,

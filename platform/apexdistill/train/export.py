@@ -11,7 +11,7 @@ from apexdistill.config import Config, dump_yaml, load_config
 from apexdistill.models.backbone import Backbone
 from apexdistill.models.build import build_backbone
 from apexdistill.models.pipeline import save_pipeline
-from apexdistill.train.data import TrainData, load_train_data
+from apexdistill.train.data import DataShapes
 from apexdistill.train.loop import CHECKPOINT_STATE, latest_checkpoint
 
 
@@ -30,11 +30,11 @@ def resolve_checkpoint(path: str | Path) -> tuple[Config, Path]:
     return load_config(cfg_file), ckpt
 
 
-def load_trained_backbone(path: str | Path, use_ema: bool = True, data: TrainData | None = None) -> tuple[Backbone, Config]:
+def load_trained_backbone(path: str | Path, use_ema: bool = True) -> tuple[Backbone, Config]:
     cfg, ckpt = resolve_checkpoint(path)
-    data = data or load_train_data(cfg)
+    shapes = DataShapes.load(ckpt.parent.parent)
     model_cfg = cfg.model.model_copy(update={"path": resolve_model_path(cfg.model.path)})
-    backbone = build_backbone(model_cfg, data.channels, data.resolution, data.text_dim)
+    backbone = build_backbone(model_cfg, shapes.channels, shapes.resolution, shapes.text_dim)
     weights = ckpt / ("ema.safetensors" if use_ema and (ckpt / "ema.safetensors").is_file() else "model.safetensors")
     backbone.load_state_dict(load_file(str(weights)))
     return backbone.eval(), cfg

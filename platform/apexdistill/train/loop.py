@@ -27,7 +27,7 @@ from apexdistill.method.base import build_objective
 from apexdistill.method.ema import EMA
 from apexdistill.models.backbone import Backbone
 from apexdistill.models.build import build_backbone
-from apexdistill.train.data import TrainData, load_train_data
+from apexdistill.train.data import DataShapes, shard_batches
 from apexdistill.assets import resolve_model_path
 
 CHECKPOINT_STATE = "trainer_state.json"
@@ -135,11 +135,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.run.seed + 1000 * rank)
-    gen = torch.Generator().manual_seed(cfg.run.seed + 1000 * rank)
 
-    data: TrainData = load_train_data(cfg)
+    shapes = DataShapes(**loop_config["shapes"])
+    batches = shard_batches(ray.train.get_dataset_shard("train"), cfg, shapes.rows // world, loop_config["row_bytes"], cfg.run.seed + 1000 * rank)
     model_cfg = cfg.model.model_copy(update={"path": resolve_model_path(cfg.model.path)})
-    backbone = build_backbone(model_cfg, data.channels, data.resolution, data.text_dim)
+    backbone = build_backbone(model_cfg, shapes.channels, shapes.resolution, shapes.text_dim)
     if model_cfg.path:
         _log(rank, f"[train] initialised from {model_cfg.path}")
     objective = build_objective(cfg.objective)
@@ -157,12 +157,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with resume.as_directory() as folder:
             state = load_checkpoint(Path(folder), backbone, ema, objective, optimizer)
         step, trained_seconds = int(state["step"]), float(state.get("trained_seconds", 0.0))
-        gen.manual_seed(cfg.run.seed + 1000 * rank + step)
+        batches.resume_at(step)
         _log(rank, f"[train] resumed at step {step}")
 
     n_train = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
     _log(rank, f"[train] {cfg.objective.name} on {cfg.model.backbone}/{cfg.model.preset}: {n_train / 1e6:.2f}M trainable params, "
-         f"{len(data)} rows, batch {cfg.train.batch_size} x {world} worker(s), {cfg.train.steps} steps")
+         f"{shapes.rows} cached rows, batch {cfg.train.batch_size} x {world} worker(s), {cfg.train.steps} steps")
 
     started, window_start, window_steps = time.time(), time.time(), 0
     metrics: dict[str, float] = {}
@@ -170,7 +170,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while step < cfg.train.steps:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(cfg, step)
-        batch = data.sample(cfg.train.batch_size, gen)
+        batch = batches.next(cfg.train.batch_size)
         loss, metrics = objective.loss(model, batch, step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: {metrics}")

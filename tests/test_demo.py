@@ -1,0 +1,48 @@
+"""End to end: `apexdistill demo --quick` through the real console script (shipped teacher, local Ray
+Train, real evaluation), and the CLI's error path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _cli() -> list[str]:
+    exe = shutil.which("apexdistill")
+    return [exe] if exe else [sys.executable, "-m", "apexdistill.cli"]
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    proc = subprocess.run([*_cli(), "demo", "--quick", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=580,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "[demo] 1/5" in out and "[demo] 5/5" in out and "[train] step" in out
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    rows = {(r["model"], r["nfe"]): r for r in results["rows"]}
+    assert set(rows) == {("teacher", 10), ("teacher", 1), ("student (apex)", 1), ("student (apex)", 2)}
+    for r in rows.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["fd"] > 0 and r["ms_per_image"] > 0
+    # the shipped teacher is a real, trained model: even at 10 Euler steps it draws the prompted digit
+    assert rows[("teacher", 10)]["accuracy"] >= 0.8
+    assert results["classifier_test_accuracy"] >= 0.95
+    assert results["train_steps"] == 20
+    png = tmp_path / "demo" / "samples.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same numbers are printed as a table
+    assert f"{rows[('teacher', 1)]['fd']:.2f}" in out
+
+
+def test_cli_config_error_is_clear(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train:\n  stpes: 3\n")
+    proc = subprocess.run([*_cli(), "train", "-c", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown key 'train.stpes'" in proc.stderr and "did you mean 'train.steps'" in proc.stderr
