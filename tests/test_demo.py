@@ -39,6 +39,21 @@ def test_demo_quick_end_to_end(tmp_path):
     # the same numbers are printed as a table
     assert f"{rows[('teacher', 1)]['fd']:.2f}" in out
 
+    # the trained run can be scored and sampled from the command line
+    run = tmp_path / "runs" / "demo-apex"
+    ev = subprocess.run([*_cli(), "evaluate", str(run), "--nfe", "1", "--samples-per-class", "5", "--workdir", str(tmp_path)],
+                        capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "demo-apex" in ev.stdout and "real data (floor)" in ev.stdout
+    img = tmp_path / "seven.png"
+    sm = subprocess.run([*_cli(), "sample", str(run), "--prompt", "a handwritten digit seven", "--num", "3", "-o", str(img)],
+                        capture_output=True, text=True, timeout=300)
+    assert sm.returncode == 0, sm.stderr[-3000:]
+    from PIL import Image
+
+    with Image.open(img) as im:
+        assert im.width > im.height > 16  # one row of three upscaled samples
+
 
 def test_cli_config_error_is_clear(tmp_path):
     cfg = tmp_path / "bad.yaml"

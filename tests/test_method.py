@@ -310,12 +310,26 @@ def test_identity_shift_twinflow_fake_branch_is_real_branch():
 
 # ----------------------------------------------------------------------------- apex
 
+NO_GENERATOR_WARMUP = {"generator_warmup_steps": 0, "generator_ramp_steps": 0}
+
+
+def test_apex_generator_warmup_and_ramp():
+    from apexdistill.method.apex import generator_ramp
+
+    assert [generator_ramp(s, 2, 4) for s in (0, 1, 2, 3, 5, 9)] == [0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    assert generator_ramp(0, 0, 0) == 1.0
+    obj = make_objective("apex", apex={"generator_warmup_steps": 10, "generator_ramp_steps": 10, "lambda_g": 0.4})
+    model, batch = ToyVelocity().double(), make_batch()
+    assert obj.loss(model, batch, step=3)[1]["lambda_g_eff"] == 0.0
+    assert obj.loss(model, batch, step=14)[1]["lambda_g_eff"] == pytest.approx(0.2)
+    assert obj.loss(model, batch, step=50)[1]["lambda_g_eff"] == pytest.approx(0.4)
+
 
 def test_apex_generator_moves_sample_along_correction():
     """One SGD step on L_gen moves x_g = z - t0*F(z, t0, c) by +t0*lr*2*G/D, G = v_fake - v_real."""
     model = BiasPlusText()
     batch = make_batch(4, same_text=True)
-    obj = make_objective("apex", apex={"lambda_p": 0.0, "lambda_r": 0.0})
+    obj = make_objective("apex", apex={"lambda_g": 1.0, "lambda_p": 0.0, "lambda_r": 0.0, **NO_GENERATOR_WARMUP})
     t0, lr = obj.cfg.apex.generator_t, 0.5
     c = batch["text"]
     with torch.no_grad():  # hand-computed correction: the bias cancels, only the condition matters
@@ -337,7 +351,7 @@ def test_apex_generator_moves_sample_along_correction():
 
 def test_apex_no_gradient_through_correction_or_fake_target():
     rec = Recorder(ToyVelocity().double())
-    obj = make_objective("apex")
+    obj = make_objective("apex", apex=NO_GENERATOR_WARMUP)
     p = obj.cfg.apex
     batch = make_batch()
     n = batch["x"].shape[0]

@@ -139,11 +139,16 @@ class ApexConfig(_Section):
     renoise_min: float = Field(0.02, ge=0.0, lt=1.0)
     renoise_max: float = Field(0.98, gt=0.0, le=1.0)
     correction_clamp: float = Field(1.0, gt=0)
-    lambda_g: float = Field(1.0, ge=0)
-    lambda_p: float = Field(1.0, ge=0)
-    lambda_r: float = Field(1.0, ge=0)
-    generator_warmup_steps: int = Field(0, ge=0, description="steps with lambda_g = 0 so the fake branch first learns the one-step samples")
-    generator_ramp_steps: int = Field(0, ge=0, description="then lambda_g ramps linearly to its value over this many steps")
+    # Defaults measured on the built-in digits with the tiny Sana backbone (README, "Tuning apex"):
+    # lambda_g = 1 and no generator warm-up destabilised the shared network there.
+    lambda_g: float = Field(0.2, ge=0, description="weight of the generator term L_gen")
+    lambda_p: float = Field(1.0, ge=0, description="weight of the fake-branch flow matching L_fake")
+    lambda_r: float = Field(1.0, ge=0, description="weight of the real-data flow-matching anchor L_real")
+    generator_warmup_steps: int = Field(100, ge=0, description="steps with lambda_g = 0 so the fake branch first learns the one-step samples")
+    generator_ramp_steps: int = Field(200, ge=0, description="then lambda_g ramps linearly to its value over this many steps")
+    anchor_t_max: float = Field(
+        0.9, gt=0.0, le=1.0, description="the real anchor samples t up to this value, leaving t ~ 1 to the one-step generator"
+    )
 
     @model_validator(mode="after")
     def _range(self) -> "ApexConfig":

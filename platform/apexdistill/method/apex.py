@@ -10,7 +10,7 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
 4. L_gen  = || F(z, t0, c) - sg(F(z, t0, c) - G) ||^2
             (its gradient moves x_g by t0*G: toward the real flow, away from the fake one)
 5. L_fake = || F(x_s, s, c_fake) - (z' - sg(x_g)) ||^2         (fake branch learns the model's own flow)
-6. L_real = plain flow matching on data with the true condition (anchor)
+6. L_real = plain flow matching on data with the true condition (anchor), t <= anchor_t_max
    total  = lambda_g*L_gen + lambda_p*L_fake + lambda_r*L_real
 
 All passes that need a gradient go through the network as one concatenated batch.
@@ -34,6 +34,10 @@ class Apex(Objective):
     def __init__(self, cfg: ObjectiveConfig) -> None:
         super().__init__(cfg)
         self.shift = ConditionShift(cfg.shift)
+        # the anchor's flow matching at t ~ 1 would pull F(z, t0, c) back to the teacher's blurry
+        # mean, directly against the generator term: it stops at anchor_t_max
+        t_max = min(cfg.time.max, cfg.apex.anchor_t_max)
+        self.anchor_time = cfg.time.model_copy(update={"max": t_max, "min": min(cfg.time.min, t_max / 2)})
 
     def param_groups(self):
         if not self.shift.learnable:
@@ -54,7 +58,7 @@ class Apex(Objective):
         s = p.renoise_min + (p.renoise_max - p.renoise_min) * torch.rand(n, device=x.device, dtype=x.dtype)
         # 6. real-data anchor
         z3 = torch.randn_like(x)
-        t_real = sample_time(n, self.cfg.time, x.device).to(x.dtype)
+        t_real = sample_time(n, self.anchor_time, x.device).to(x.dtype)
         x_real_t = interpolate(x, z3, t_real)
 
         # The generator output is needed before x_s exists, so the generator pass runs first;
