@@ -83,4 +83,5 @@ def test_streaming_shard_trains(tmp_path, shared_cache):
     assert isinstance(batches, StreamingBatches)
     seen = sum(batches.next(16)["x"].shape[0] for _ in range(cache.rows // 16 + 3))  # crosses an epoch boundary
     assert seen == 16 * (cache.rows // 16 + 3) and batches.epoch >= 1
+    batches.close()
     assert run_training(cfg).metrics["step"] == 2

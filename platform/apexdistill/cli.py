@@ -150,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("APEXDISTILL_DEBUG"):
+            raise
         print(f"apexdistill {args.command}: error: {exc}", file=sys.stderr)
+        print("(set APEXDISTILL_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 

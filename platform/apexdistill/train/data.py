@@ -65,6 +65,9 @@ class InMemoryBatches:
     def resume_at(self, step: int) -> None:
         self.generator.manual_seed(self.seed + step)
 
+    def close(self) -> None:
+        pass
+
 
 class StreamingBatches:
     """Epoch after epoch over a Ray Data shard, shuffled locally with a per-epoch seed."""
@@ -87,6 +90,10 @@ class StreamingBatches:
 
     def resume_at(self, step: int) -> None:
         """Streaming resumes at the start of an epoch (the data position is not restored)."""
+
+    def close(self) -> None:
+        """Stop the open epoch's iterator while Ray is still up (not at garbage collection)."""
+        self._it.close()
 
 
 def shard_batches(shard: Any, cfg: Config, rows: int, row_bytes: int, seed: int) -> InMemoryBatches | StreamingBatches:

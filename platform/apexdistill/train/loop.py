@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -201,6 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if last:
             break
 
+    batches.close()
     trained_seconds += time.time() - started
     state = {"step": step, "trained_seconds": trained_seconds, "objective": cfg.objective.name}
     checkpoint = None
@@ -210,7 +210,3 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ray.train.report({**metrics, "step": step, "trained_seconds": trained_seconds}, checkpoint=checkpoint)
     _log(rank, f"[train] done: {step} steps in {_fmt_eta(trained_seconds)}")
 
-
-def worker_env() -> dict[str, str]:
-    """Environment for Ray workers: quiet, offline."""
-    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **({"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]} if "OMP_NUM_THREADS" in os.environ else {})}
