@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def main() -> None:
     from apexdistill.models.build import build_backbone
     from apexdistill.assets import resolve_model_path
     from apexdistill.train.data import digit_caption_table
-    from apexdistill.train.driver import run_training
+    from apexdistill.train.driver import run_dir, run_training
     from apexdistill.train.export import load_trained_backbone
 
     base = demo_config(args.workdir, overrides=[f"train.max_minutes={args.minutes}", *args.overrides])
@@ -39,6 +40,8 @@ def main() -> None:
     timing = {}
     for name in args.objectives:
         cfg = demo_config(args.workdir, overrides=[f"train.max_minutes={args.minutes}", f"objective.name={name}", f"run.name=bench-{name}", *args.overrides])
+        for folder in (run_dir(cfg), run_dir(cfg).parent.parent / "ray_results" / cfg.run.name):
+            shutil.rmtree(folder, ignore_errors=True)  # each benchmark run starts fresh, never resumes
         t0 = time.time()
         result = run_training(cfg)
         timing[name] = {"train_minutes": (time.time() - t0) / 60, "steps": int(result.metrics.get("step", 0))}

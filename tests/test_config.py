@@ -89,3 +89,9 @@ def test_shipped_configs_validate():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_text_fields_keep_override_text():
+    cfg = build_config({}, ["run.name=2024", "data.source=imagefolder", "data.path=no", "run.workdir=2024-05-01"])
+    assert cfg.run.name == "2024" and cfg.data.path == "no" and cfg.run.workdir == "2024-05-01"
+    assert build_config({}, ["train.steps=12"]).train.steps == 12  # numbers stay numbers

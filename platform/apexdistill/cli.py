@@ -44,10 +44,13 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _load_model_arg(path: str, use_ema: bool):
-    """A run folder / checkpoint (trained here) or a diffusers pipeline folder."""
+    """A run folder or one of its checkpoint folders (trained by `apexdistill train`)."""
     from apexdistill.train.export import load_trained_backbone
 
-    return load_trained_backbone(path, use_ema=use_ema)
+    model, cfg = load_trained_backbone(path, use_ema=use_ema)
+    if cfg.vae.path:
+        raise ValueError(f"'{path}' was trained in a VAE latent space (vae.path); evaluate and sample support pixel-space runs only for now")
+    return model, cfg
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -76,7 +79,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     text, mask = encode_captions(cfg, list(args.prompt))
     g = torch.Generator().manual_seed(args.seed)
     n = len(args.prompt) * args.num
-    z = torch.randn((n, model.in_channels, cfg.data.resolution, cfg.data.resolution), generator=g)
+    z = torch.randn((n, model.in_channels, cfg.data.resolution, cfg.data.resolution), generator=g)  # pixel space
     images = sample_few_step(model, z, text.repeat_interleave(args.num, 0), mask.repeat_interleave(args.num, 0), nfe=args.nfe, generator=g)
     save_grid(images, args.output, nrow=args.num)
     print(f"[sample] {n} image(s) at {args.nfe} NFE -> {args.output}")
@@ -86,7 +89,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from apexdistill.train.export import export_pipeline
 
-    out = export_pipeline(args.run, args.output, use_ema=not args.raw)
+    out = export_pipeline(args.run, args.output, use_ema=not args.raw, overwrite=args.overwrite)
     print(f"[export] diffusers folder: {out}")
     return 0
 
@@ -139,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run")
     x.add_argument("-o", "--output", required=True)
     x.add_argument("--raw", action="store_true")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     x.set_defaults(fn=_cmd_export)
     return p
 
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         if os.environ.get("APEXDISTILL_DEBUG"):
             raise
         print(f"apexdistill {args.command}: error: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ resolved config into dotted keys (for MLflow params), ``dump_yaml`` writes it ne
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,6 +211,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 = local mode in the driver process")
     cpus_per_worker: float = Field(1.0, gt=0)
     log_every: int = Field(25, ge=1)
+    checkpoint_every: int = Field(500, ge=0, description="publish a checkpoint every N steps (0 = only at the end)")
 
 
 class EvalConfig(_Section):
@@ -315,10 +317,25 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _is_string_field(dotted: str) -> bool:
+    """True when the config field at ``dotted`` takes text (and no number or bool)."""
+    model: Any = Config
+    for part in dotted.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        model = fields[part].annotation
+    options = set(typing.get_args(model)) or {model}
+    options.discard(type(None))
+    return str in options and not options & {int, float, bool}
+
+
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
     tree: dict[str, Any] = dict(data or {})
     for text in overrides or []:
         key, value = parse_override(text)
+        if value is not None and not isinstance(value, str) and _is_string_field(key):
+            value = text.split("=", 1)[1].strip()  # run.name=2024 or data.path=no stay text
         _set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)

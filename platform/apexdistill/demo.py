@@ -36,8 +36,9 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
     out = Path(cfg.run.workdir) / "demo"
     out.mkdir(parents=True, exist_ok=True)
     previous = run_dir(cfg)
-    if previous.exists():  # the demo always distills afresh; other runs resume instead
-        shutil.rmtree(previous)
+    for folder in (previous, previous.parent.parent / "ray_results" / cfg.run.name):
+        if folder.exists():  # the demo always distills afresh; other runs resume instead
+            shutil.rmtree(folder)
 
     print(f"[demo] 1/5 preprocess: Ray Data -> Parquet cache (workdir {Path(cfg.run.workdir).resolve()})", flush=True)
     ensure_ray()

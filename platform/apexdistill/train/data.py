@@ -62,8 +62,11 @@ class InMemoryBatches:
         idx = torch.randint(0, self.n, (batch_size,), generator=self.generator)
         return {k: v[idx] for k, v in self.rows.items()}
 
-    def resume_at(self, step: int) -> None:
-        self.generator.manual_seed(self.seed + step)
+    def resume_at(self, step: int, rng_state: Tensor | None = None) -> None:
+        if rng_state is not None:
+            self.generator.set_state(rng_state)
+        else:  # an old checkpoint without the sampler state
+            self.generator.manual_seed(self.seed + 7919 * step)
 
     def close(self) -> None:
         pass
@@ -88,7 +91,7 @@ class StreamingBatches:
     def next(self, batch_size: int) -> dict[str, Tensor]:
         return next(self._it)
 
-    def resume_at(self, step: int) -> None:
+    def resume_at(self, step: int, rng_state: Tensor | None = None) -> None:
         """Streaming resumes at the start of an epoch (the data position is not restored)."""
 
     def close(self) -> None:

@@ -68,7 +68,29 @@ def save_checkpoint(folder: Path, backbone: Backbone, ema: EMA | None, objective
     if obj_state:
         save_file(obj_state, str(folder / "objective.safetensors"))
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    save_file({"torch": torch.get_rng_state(), **({"batches": rng} if (rng := state.pop("batch_rng", None)) is not None else {})},
+              str(folder / "rng.safetensors"))
     (folder / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
+
+
+def run_identity(cfg: Config) -> dict[str, Any]:
+    """What must not change between a run and its resumption (the schedule and budget may)."""
+    return {"objective": cfg.objective.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+            "data": {"source": cfg.data.source, "path": cfg.data.path, "resolution": cfg.data.resolution},
+            "text_encoder": cfg.text_encoder.model_dump(mode="json"), "vae": cfg.vae.model_dump(mode="json")}
+
+
+def check_resumable(state: dict[str, Any], cfg: Config, folder: Path) -> None:
+    saved = state.get("identity")
+    if saved is None or saved == run_identity(cfg):
+        return
+    now = run_identity(cfg)
+    changed = sorted(f"{sec}.{k}" for sec in now for k in set(now[sec]) | set(saved.get(sec, {}))
+                     if now[sec].get(k) != saved.get(sec, {}).get(k))
+    raise ValueError(
+        f"run.name='{cfg.run.name}' already has a checkpoint ({folder}) trained with a different setup "
+        f"(changed: {', '.join(changed)}); use a new run.name, or delete the run folder to start over"
+    )
 
 
 def load_checkpoint(folder: Path, backbone: Backbone, ema: EMA | None, objective: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -78,7 +100,22 @@ def load_checkpoint(folder: Path, backbone: Backbone, ema: EMA | None, objective
     if (folder / "objective.safetensors").is_file():
         objective.load_state_dict(load_file(str(folder / "objective.safetensors")), strict=False)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    return json.loads((folder / CHECKPOINT_STATE).read_text())
+    state = json.loads((folder / CHECKPOINT_STATE).read_text())
+    if (folder / "rng.safetensors").is_file():
+        rng = load_file(str(folder / "rng.safetensors"))
+        torch.set_rng_state(rng["torch"])
+        if "batches" in rng:
+            state["batch_rng"] = rng["batches"]
+    return state
+
+
+def apply_hyperparameters(cfg: Config, optimizer: torch.optim.Optimizer, objective: torch.nn.Module) -> None:
+    """The config's lr/betas/weight decay win over the ones stored in a resumed optimizer state."""
+    mults = {g["name"]: g.get("lr_mult", 1.0) for g in objective.param_groups()}
+    for group in optimizer.param_groups:
+        group["base_lr"] = cfg.train.lr * mults.get(group.get("name"), 1.0)
+        group["betas"] = tuple(cfg.train.betas)
+        group["weight_decay"] = cfg.train.weight_decay
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -91,7 +128,11 @@ def publish_checkpoint(run_dir: Path, step: int, write: Any, keep: int = 2) -> P
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -112,6 +153,14 @@ def find_resume_checkpoint(run_dir: Path) -> ray.train.Checkpoint | None:
         return ckpt
     local = latest_checkpoint(run_dir)
     return ray.train.Checkpoint.from_directory(str(local)) if local is not None else None
+
+
+def _state(cfg: Config, step: int, trained_seconds: float, batches: Any) -> dict[str, Any]:
+    state = {"step": step, "trained_seconds": trained_seconds, "objective": cfg.objective.name, "identity": run_identity(cfg)}
+    generator = getattr(batches, "generator", None)
+    if generator is not None:
+        state["batch_rng"] = generator.get_state()
+    return state
 
 
 def _should_stop(cfg: Config, started: float, trained_seconds: float) -> bool:
@@ -154,9 +203,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     resume = find_resume_checkpoint(Path(loop_config["run_dir"]))
     if resume is not None:
         with resume.as_directory() as folder:
+            check_resumable(json.loads((Path(folder) / CHECKPOINT_STATE).read_text()), cfg, Path(folder))
             state = load_checkpoint(Path(folder), backbone, ema, objective, optimizer)
+            had_ema = (Path(folder) / "ema.safetensors").is_file()
+        apply_hyperparameters(cfg, optimizer, objective)
+        if ema is not None and not had_ema:
+            ema = EMA(backbone, cfg.train.ema_decay)  # the run had no EMA: start it from the loaded weights
         step, trained_seconds = int(state["step"]), float(state.get("trained_seconds", 0.0))
-        batches.resume_at(step)
+        batches.resume_at(step, state.get("batch_rng"))
         _log(rank, f"[train] resumed at step {step}")
 
     n_train = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
@@ -185,6 +239,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         window_steps += 1
 
         last = step >= cfg.train.steps or _should_stop(cfg, started, trained_seconds)
+        periodic = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0 and not last
+        if periodic:  # every rank reports, rank 0 attaches the checkpoint
+            checkpoint = None
+            if rank == 0:
+                elapsed_total = trained_seconds + time.time() - started
+                folder = publish_checkpoint(Path(loop_config["run_dir"]), step, lambda tmp: save_checkpoint(
+                    tmp, backbone, ema, objective, optimizer, _state(cfg, step, elapsed_total, batches)))
+                checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+            ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
         if step % cfg.train.log_every == 0 or last:
             elapsed = time.time() - window_start
             metrics.update(step=step, lr=optimizer.param_groups[0]["lr"],
@@ -194,7 +257,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             terms = " ".join(f"{k[5:]}={v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
             _log(rank, f"[train] step {step}/{cfg.train.steps} loss={metrics['loss']:.4f} {terms} "
                  f"| {metrics['samples_per_s']:.0f} samples/s | ETA {_fmt_eta(eta)}")
-            if not last:
+            if not last and not periodic:
                 ray.train.report(dict(metrics))
             window_start, window_steps = time.time(), 0
         if last:
@@ -202,9 +265,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     batches.close()
     trained_seconds += time.time() - started
-    state = {"step": step, "trained_seconds": trained_seconds, "objective": cfg.objective.name}
     checkpoint = None
     if rank == 0:
+        state = _state(cfg, step, trained_seconds, batches)
         folder = publish_checkpoint(Path(loop_config["run_dir"]), step, lambda tmp: save_checkpoint(tmp, backbone, ema, objective, optimizer, state))
         checkpoint = ray.train.Checkpoint.from_directory(str(folder))
     ray.train.report({**metrics, "step": step, "trained_seconds": trained_seconds}, checkpoint=checkpoint)
