@@ -22,27 +22,20 @@ import torch
 from torch import Tensor, nn
 
 from apexdistill.config import ObjectiveConfig
-from apexdistill.method.base import Batch, Objective, cat_batches, mse, register, scalar_metrics
+from apexdistill.method.base import Batch, ShiftedObjective, cat_batches, mse, ramp, register, scalar_metrics
 from apexdistill.method.flow import bcast, interpolate, sample_time, velocity_target
-from apexdistill.method.shift import ConditionShift
 
 
 @register
-class Apex(Objective):
+class Apex(ShiftedObjective):
     name = "apex"
 
     def __init__(self, cfg: ObjectiveConfig) -> None:
         super().__init__(cfg)
-        self.shift = ConditionShift(cfg.shift)
         # the anchor's flow matching at t ~ 1 would pull F(z, t0, c) back to the teacher's blurry
         # mean, directly against the generator term: it stops at anchor_t_max
         t_max = min(cfg.time.max, cfg.apex.anchor_t_max)
         self.anchor_time = cfg.time.model_copy(update={"max": t_max, "min": min(cfg.time.min, t_max / 2)})
-
-    def param_groups(self):
-        if not self.shift.learnable:
-            return []
-        return [{"params": list(self.shift.parameters()), "lr_mult": self.shift.lr_mult, "name": "shift"}]
 
     def loss(self, model: nn.Module, batch: Batch, step: int = 0) -> tuple[Tensor, dict[str, float]]:
         p = self.cfg.apex
@@ -77,7 +70,7 @@ class Apex(Objective):
         loss_gen = mse(v_gen, (v_gen - correction).detach()).mean()  # 4.
         loss_fake = mse(v_fake_s, velocity_target(x_g, z2)).mean()  # 5.
         loss_real = mse(v_real_x, velocity_target(x, z3)).mean()  # 6.
-        lambda_g = p.lambda_g * generator_ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)
+        lambda_g = p.lambda_g * ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)
         loss = lambda_g * loss_gen + p.lambda_p * loss_fake + p.lambda_r * loss_real
         return loss, scalar_metrics(
             loss=loss,
@@ -89,16 +82,6 @@ class Apex(Objective):
             shift_a=self.shift.a,
             shift_b=self.shift.b,
         )
-
-
-def generator_ramp(step: int, warmup: int, ramp: int) -> float:
-    """0 during the warm-up (the fake branch learns the current one-step samples first), then a
-    linear ramp to 1: a cold-started fake branch would otherwise feed the generator noise."""
-    if step < warmup:
-        return 0.0
-    if ramp <= 0:
-        return 1.0
-    return min(1.0, (step - warmup + 1) / ramp)
 
 
 def _split(v: Tensor, n: int) -> tuple[Tensor, Tensor]:

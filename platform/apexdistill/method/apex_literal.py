@@ -34,15 +34,14 @@ Why this reading does not train a one-step generator on its own is explained in 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from apexdistill.config import ApexLiteralConfig, ObjectiveConfig
-from apexdistill.method.base import Batch, Objective, mse, register, scalar_metrics
+from apexdistill.config import ApexLiteralConfig
+from apexdistill.method.base import Batch, ShiftedObjective, mse, ramp, register, scalar_metrics
 from apexdistill.method.flow import endpoint_x, interpolate, sample_time, velocity_target
-from apexdistill.method.shift import ConditionShift
 
 #: floor on 1 - t in the paper's weight t^3/(1-t), so that t -> 1 gives a large but finite weight
 PAPER_WEIGHT_EPS = 1e-5
@@ -110,30 +109,12 @@ def sup_cons_loss(v_real: Tensor, x: Tensor, x_t: Tensor, t: Tensor, v_fake: Ten
     return (1 - lam) * loss_sup + lam * loss_cons
 
 
-def ramp(step: int, warmup_steps: int, ramp_steps: int) -> float:
-    """0 during warm-up, then a linear rise to 1 over ``ramp_steps`` steps (1 at once if 0)."""
-    if step < warmup_steps:
-        return 0.0
-    if ramp_steps <= 0:
-        return 1.0
-    return min(1.0, (step - warmup_steps + 1) / ramp_steps)
-
-
 # ----------------------------------------------------------------------------- objective
 
 
 @register
-class ApexLiteral(Objective):
+class ApexLiteral(ShiftedObjective):
     name = "apex_literal"
-
-    def __init__(self, cfg: ObjectiveConfig) -> None:
-        super().__init__(cfg)
-        self.shift = ConditionShift(cfg.shift)
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        if not self.shift.learnable:
-            return []
-        return [{"params": list(self.shift.parameters()), "lr_mult": self.shift.lr_mult, "name": "shift"}]
 
     def schedule(self, step: int) -> tuple[float, float]:
         """(lam, lambda_p) at ``step`` after warm-up and ramp."""

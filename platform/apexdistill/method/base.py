@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from apexdistill.config import ObjectiveConfig
+from apexdistill.method.shift import ConditionShift
 
 Batch = dict[str, Tensor]
 
@@ -35,6 +36,29 @@ class Objective(nn.Module):
     def param_groups(self) -> list[dict[str, Any]]:
         """Extra optimizer groups owned by the objective (e.g. the learnable shift)."""
         return []
+
+
+class ShiftedObjective(Objective):
+    """An objective with a condition shift c_fake = a*c + b (Eq. 9); a learnable shift gets its own
+    optimizer group with its learning-rate multiplier."""
+
+    def __init__(self, cfg: ObjectiveConfig) -> None:
+        super().__init__(cfg)
+        self.shift = ConditionShift(cfg.shift)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        if not self.shift.learnable:
+            return []
+        return [{"params": list(self.shift.parameters()), "lr_mult": self.shift.lr_mult, "name": "shift"}]
+
+
+def ramp(step: int, warmup_steps: int, ramp_steps: int) -> float:
+    """0 during warm-up, then a linear rise to 1 over ``ramp_steps`` steps (1 at once if 0)."""
+    if step < warmup_steps:
+        return 0.0
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, (step - warmup_steps + 1) / ramp_steps)
 
 
 def mse(a: Tensor, b: Tensor) -> Tensor:

@@ -162,7 +162,7 @@ class TwinFlow(Objective):
         p: TwinflowConfig = self.cfg.twinflow
         x, c, mask = batch["x"], batch["text"], batch.get("text_mask")
         n = self._group_size(x.shape[0])
-        real, fake = slice(0, 3 * n), slice(3 * n, 4 * n)
+        real = slice(0, 3 * n)  # the fake group is the last quarter
 
         with torch.no_grad():
             inp = self._prepare_inputs(model, x, c, mask, n)
