@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -28,20 +27,18 @@ def main() -> None:
     from apexdistill.demo import demo_config
     from apexdistill.eval.runner import DigitsBench, format_table
     from apexdistill.models.build import build_backbone
-    from apexdistill.assets import resolve_model_path
     from apexdistill.train.data import digit_caption_table
-    from apexdistill.train.driver import run_dir, run_training
+    from apexdistill.train.driver import clear_run, run_training
     from apexdistill.train.export import load_trained_backbone
 
     base = demo_config(args.workdir, overrides=[f"train.max_minutes={args.minutes}", *args.overrides])
     bench = DigitsBench(base, *digit_caption_table(base))
-    teacher = build_backbone(base.model.model_copy(update={"path": resolve_model_path(base.model.path)}), 1, base.data.resolution, 384).eval()
+    teacher = build_backbone(base.model, 1, base.data.resolution, 384).eval()
     rows = bench.score("teacher", teacher, [base.eval.teacher_nfe], "euler") + bench.score("teacher", teacher, [1], "few_step")
     timing = {}
     for name in args.objectives:
         cfg = demo_config(args.workdir, overrides=[f"train.max_minutes={args.minutes}", f"objective.name={name}", f"run.name=bench-{name}", *args.overrides])
-        for folder in (run_dir(cfg), run_dir(cfg).parent.parent / "ray_results" / cfg.run.name):
-            shutil.rmtree(folder, ignore_errors=True)  # each benchmark run starts fresh, never resumes
+        clear_run(cfg)  # each benchmark run starts fresh, never resumes
         t0 = time.time()
         result = run_training(cfg)
         timing[name] = {"train_minutes": (time.time() - t0) / 60, "steps": int(result.metrics.get("step", 0))}

@@ -7,7 +7,6 @@ Rows: the teacher at its multi-step setting (50-step Euler) and at 1 NFE, and th
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -23,22 +22,18 @@ def demo_config(workdir: str, quick: bool = False, overrides: list[str] | None =
 
 
 def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[str] | None = None) -> dict:
-    from apexdistill.assets import resolve_model_path
     from apexdistill.eval.runner import DigitsBench, format_table
     from apexdistill.models.build import build_backbone
     from apexdistill.data.preprocess import run_preprocess
     from apexdistill.train.data import DataShapes, digit_caption_table
-    from apexdistill.train.driver import ensure_ray, run_dir, run_training
+    from apexdistill.train.driver import clear_run, ensure_ray, run_training
     from apexdistill.train.export import load_trained_backbone
 
     cfg = demo_config(workdir, quick, overrides)
     started = time.time()
     out = Path(cfg.run.workdir) / "demo"
     out.mkdir(parents=True, exist_ok=True)
-    previous = run_dir(cfg)
-    for folder in (previous, previous.parent.parent / "ray_results" / cfg.run.name):
-        if folder.exists():  # the demo always distills afresh; other runs resume instead
-            shutil.rmtree(folder)
+    clear_run(cfg)  # the demo always distills afresh; other runs resume instead
 
     print(f"[demo] 1/5 preprocess: Ray Data -> Parquet cache (workdir {Path(cfg.run.workdir).resolve()})", flush=True)
     ensure_ray()
@@ -53,8 +48,7 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
     print(f"[demo]     evaluator ({info['feature_extractor']}): {accuracy} on the real test split; "
           f"real-data floor FD {bench.evaluator.floor_fd:.2f}", flush=True)
 
-    teacher_cfg = cfg.model.model_copy(update={"path": resolve_model_path(cfg.model.path)})
-    teacher = build_backbone(teacher_cfg, shapes.channels, shapes.resolution, shapes.text_dim).eval()
+    teacher = build_backbone(cfg.model, shapes.channels, shapes.resolution, shapes.text_dim).eval()
 
     print(f"[demo] 3/5 distilling with '{cfg.objective.name}' (Ray Train, local mode)", flush=True)
     t0 = time.time()

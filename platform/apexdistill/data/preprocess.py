@@ -263,25 +263,14 @@ def decode_digits(batch: dict[str, np.ndarray], *, channels: int, resolution: in
     return {"x": x, "caption": batch["caption"].astype(object), "label": batch["label"].astype(np.int64), "row_id": batch["row_id"].astype(object)}
 
 
-def encode_text(encoder: Any, captions: list[str], device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Captions -> (states (B, L, D) float32, mask (B, L) int64, truncated (B,) bool).
-
-    Same computation as ``TextEncoder.encode`` (pad to max_length, truncate), done once per distinct
-    caption in the batch and on ``device``."""
-    import torch
-
+def encode_text(encoder: Any, captions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Captions -> (states (B, L, D) float32, mask (B, L) int64, truncated (B,) bool), with
+    ``TextEncoder.encode`` run once per distinct caption in the batch."""
     unique, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
     texts = [str(t) for t in unique]
-    states, masks = [], []
-    with torch.no_grad():
-        for i in range(0, len(texts), 256):
-            tok = encoder.tokenizer(texts[i : i + 256], padding="max_length", truncation=True, max_length=encoder.max_length, return_tensors="pt")
-            out = encoder.model(input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device))
-            states.append(out.last_hidden_state.float().cpu())
-            masks.append(tok["attention_mask"].long())
-    lengths = [len(ids) for ids in encoder.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
-    too_long = np.array([n > encoder.max_length for n in lengths], dtype=bool)
-    return torch.cat(states).numpy()[inverse], torch.cat(masks).numpy()[inverse], too_long[inverse]
+    states, masks = encoder.encode(texts)
+    too_long = np.array(encoder.truncated(texts), dtype=bool)
+    return states.numpy()[inverse], masks.numpy()[inverse], too_long[inverse]
 
 
 class TextEncodeStage:
@@ -299,7 +288,7 @@ class TextEncodeStage:
         _announce_encoder("text", stats)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        states, mask, truncated = encode_text(self.encoder, list(batch["caption"]), self.device)
+        states, mask, truncated = encode_text(self.encoder, list(batch["caption"]))
         if truncated.any():
             ray.get(self.stats.add_truncated.remote([str(r) for r in batch["row_id"][truncated]]))
         return {"x": batch["x"], "text": states, "text_mask": mask, "caption": batch["caption"], "label": batch["label"], "row_id": batch["row_id"]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from apexdistill.assets import resolve_model_path
 from apexdistill.config import ModelConfig
 from apexdistill.models.backbone import (
     CLASS_NAMES,
@@ -20,16 +21,20 @@ from apexdistill.models.backbone import (
 )
 
 
-def resolve_transformer_folder(path: str | Path) -> Path:
-    """A pipeline folder (with transformer/) or a transformer folder (with config.json)."""
+def resolve_part_folder(path: str | Path, part: str, field: str) -> Path:
+    """A diffusers pipeline folder (with ``part/config.json``) or the part's own folder (config.json)."""
     p = Path(path)
-    if (p / "transformer" / "config.json").is_file():
-        return p / "transformer"
+    if (p / part / "config.json").is_file():
+        return p / part
     if (p / "config.json").is_file():
         return p
     raise FileNotFoundError(
-        f"model.path: '{p}' is neither a diffusers pipeline folder (transformer/config.json) nor a transformer folder (config.json)"
+        f"{field}: '{p}' is neither a diffusers pipeline folder ({part}/config.json) nor a {part} folder (config.json)"
     )
+
+
+def resolve_transformer_folder(path: str | Path) -> Path:
+    return resolve_part_folder(path, "transformer", "model.path")
 
 
 def _check_class(folder: Path, family: str) -> None:
@@ -47,7 +52,7 @@ def build_backbone(cfg: ModelConfig, in_channels: int, sample_size: int, text_di
     cls = transformer_class(cfg.backbone)
     folder: Path | None = None
     if cfg.path:
-        folder = resolve_transformer_folder(cfg.path)
+        folder = resolve_transformer_folder(resolve_model_path(cfg.path))  # 'builtin:teacher' or a folder
         _check_class(folder, cfg.backbone)
         transformer = cls.from_pretrained(str(folder), local_files_only=True)
     else:

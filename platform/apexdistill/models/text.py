@@ -56,12 +56,16 @@ class TextEncoder(nn.Module):
             tok = self.tokenizer(
                 captions[i : i + batch_size], padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
             )
-            out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-            states.append(out.last_hidden_state.float())
+            device = next(self.model.parameters()).device
+            out = self.model(input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device))
+            states.append(out.last_hidden_state.float().cpu())
             masks.append(tok["attention_mask"].long())
         return torch.cat(states), torch.cat(masks)
 
+    def truncated(self, captions: list[str]) -> list[bool]:
+        """Per caption: is it longer than ``max_length`` tokens (and so truncated by ``encode``)?"""
+        lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
+        return [n > self.max_length for n in lengths]
+
     def count_truncated(self, captions: list[str]) -> int:
-        """How many captions are longer than ``max_length`` tokens (they get truncated)."""
-        lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
-        return sum(n > self.max_length for n in lengths)
+        return sum(self.truncated(captions))

@@ -113,13 +113,9 @@ def tiny_vae_config(in_channels: int, latent_channels: int = 4) -> dict[str, Any
 
 
 def resolve_vae_folder(path: str | Path) -> Path:
-    """A pipeline folder (with vae/) or an AutoencoderKL folder (with config.json)."""
-    p = Path(path)
-    if (p / "vae" / "config.json").is_file():
-        return p / "vae"
-    if (p / "config.json").is_file():
-        return p
-    raise FileNotFoundError(f"vae.path: '{p}' is neither a diffusers pipeline folder (vae/config.json) nor a VAE folder (config.json)")
+    from apexdistill.models.build import resolve_part_folder  # build imports this module
+
+    return resolve_part_folder(path, "vae", "vae.path")
 
 
 def load_vae(path: str | Path) -> Vae:

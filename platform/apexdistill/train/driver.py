@@ -25,6 +25,15 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.workdir).resolve() / "runs" / cfg.run.name
 
 
+def clear_run(cfg: Config) -> None:
+    """Delete a run's folder and Ray's record of it, so the next fit starts fresh instead of resuming."""
+    import shutil
+
+    folder = run_dir(cfg)
+    for path in (folder, folder.parent.parent / "ray_results" / cfg.run.name):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Start (or join) Ray once per process, quietly, with offline workers."""
     import ray

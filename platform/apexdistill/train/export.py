@@ -6,7 +6,6 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from apexdistill.assets import resolve_model_path
 from apexdistill.config import Config, dump_yaml, load_config
 from apexdistill.models.backbone import Backbone
 from apexdistill.models.build import build_backbone
@@ -33,8 +32,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Config, Path]:
 def load_trained_backbone(path: str | Path, use_ema: bool = True) -> tuple[Backbone, Config]:
     cfg, ckpt = resolve_checkpoint(path)
     shapes = DataShapes.load(ckpt.parent.parent)
-    model_cfg = cfg.model.model_copy(update={"path": resolve_model_path(cfg.model.path)})
-    backbone = build_backbone(model_cfg, shapes.channels, shapes.resolution, shapes.text_dim)
+    backbone = build_backbone(cfg.model, shapes.channels, shapes.resolution, shapes.text_dim)
     weights = ckpt / ("ema.safetensors" if use_ema and (ckpt / "ema.safetensors").is_file() else "model.safetensors")
     backbone.load_state_dict(load_file(str(weights)))
     return backbone.eval(), cfg

@@ -27,7 +27,6 @@ from apexdistill.method.ema import EMA
 from apexdistill.models.backbone import Backbone
 from apexdistill.models.build import build_backbone
 from apexdistill.train.data import DataShapes, shard_batches
-from apexdistill.assets import resolve_model_path
 
 CHECKPOINT_STATE = "trainer_state.json"
 
@@ -186,10 +185,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     shapes = DataShapes(**loop_config["shapes"])
     batches = shard_batches(ray.train.get_dataset_shard("train"), cfg, shapes.rows // world, loop_config["row_bytes"], cfg.run.seed + 1000 * rank)
-    model_cfg = cfg.model.model_copy(update={"path": resolve_model_path(cfg.model.path)})
-    backbone = build_backbone(model_cfg, shapes.channels, shapes.resolution, shapes.text_dim)
-    if model_cfg.path:
-        _log(rank, f"[train] initialised from {model_cfg.path}")
+    backbone = build_backbone(cfg.model, shapes.channels, shapes.resolution, shapes.text_dim)
+    if cfg.model.path:
+        _log(rank, f"[train] initialised from {cfg.model.path}")
     objective = build_objective(cfg.objective)
     if cfg.train.batch_size % objective.batch_multiple:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of {objective.batch_multiple} for {objective.name}")
