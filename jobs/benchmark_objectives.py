@@ -40,7 +40,7 @@ def main() -> None:
         cfg = demo_config(args.workdir, overrides=[f"train.max_minutes={args.minutes}", f"objective.name={name}", f"run.name=bench-{name}", *args.overrides])
         clear_run(cfg)  # each benchmark run starts fresh, never resumes
         t0 = time.time()
-        result = run_training(cfg)
+        result = run_training(cfg, evaluate=False)  # scored below, side by side with the teacher
         timing[name] = {"train_minutes": (time.time() - t0) / 60, "steps": int(result.metrics.get("step", 0))}
         student, _ = load_trained_backbone(result.run_dir)
         rows += bench.score(f"student ({name})", student, cfg.eval.nfe, "few_step")

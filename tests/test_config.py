@@ -95,3 +95,34 @@ def test_text_fields_keep_override_text():
     cfg = build_config({}, ["run.name=2024", "data.source=imagefolder", "data.path=no", "run.workdir=2024-05-01"])
     assert cfg.run.name == "2024" and cfg.data.path == "no" and cfg.run.workdir == "2024-05-01"
     assert build_config({}, ["train.steps=12"]).train.steps == 12  # numbers stay numbers
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.strategy=ddp"], r"train.strategy='ddp' runs on Ray Train workers: set train.num_workers >= 1"),
+        (["train.num_workers=2"], r"train.num_workers=2 needs a parallel strategy"),
+        (["train.strategy=fsdp3", "train.num_workers=2"], r"'train.strategy'.*'none', 'ddp', 'fsdp2' or 'deepspeed'"),
+        (["train.precision=bf16"], r"train.precision='bf16' is for GPU workers"),
+        (["train.num_workers=2", "train.strategy=deepspeed", "train.deepspeed.stage=3"], r"stage=3.*EMA.*train.ema_decay=0"),
+        (["train.num_workers=2", "train.strategy=deepspeed", "train.deepspeed.stage=3", "train.ema_decay=0", "objective.shift.learnable=true"],
+         r"learnable=true is not supported with DeepSpeed ZeRO-3"),
+        (["train.deepspeed.stage=4"], r"train.deepspeed.stage"),
+        (["train.fail_at_step=3"], r"fail_at_step.*max_failures >= 1"),
+        (["train.fail_at_step=3", "train.max_failures=1", "train.num_workers=1", "train.steps=3"], r"fail_at_step=3 must be below train.steps=3"),
+        (["train.grad_accum_steps=0"], r"train.grad_accum_steps"),
+        (["tracking.sample_every=-1"], r"tracking.sample_every"),
+    ],
+)
+def test_parallel_setup_is_checked_at_config_time(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({}, overrides)
+
+
+def test_parallel_setups_that_are_fine():
+    for overrides in (["train.num_workers=1"], ["train.num_workers=4", "train.strategy=fsdp2", "model.lora.enabled=true"],
+                      ["train.num_workers=2", "train.strategy=deepspeed", "train.deepspeed.stage=3", "train.ema_decay=0"],
+                      ["train.use_gpu=true", "train.precision=bf16", "train.num_workers=8", "train.strategy=fsdp2"]):
+        cfg = build_config({}, overrides)
+        assert cfg.train.num_workers >= 1
+    assert build_config({}, ["train.use_gpu=true"]).train.use_bf16 and not build_config({}).train.use_bf16

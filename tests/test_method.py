@@ -526,18 +526,27 @@ def test_sampler_recovers_point_with_exact_velocity(nfe):
 
 def test_ema_update():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model[1].weight.requires_grad_(False)  # frozen weights (LoRA base) are not tracked
     ema = EMA(model, decay=0.9)
-    before = [p.detach().clone() for p in ema.model.parameters()]
+    assert set(ema.shadow) == {"0.weight", "0.bias", "1.bias"}
+    before = {k: v.clone() for k, v in ema.shadow.items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
         model[1].running_mean.fill_(2.0)
     ema.update(model)
-    for old, new, live in zip(before, ema.model.parameters(), model.parameters()):
-        assert torch.allclose(new, 0.9 * old + 0.1 * live, atol=1e-6)
-        assert torch.allclose(new, old + 0.1, atol=1e-6)
-    assert torch.equal(ema.model[1].running_mean, torch.full((4,), 2.0))
-    assert not any(p.requires_grad for p in ema.model.parameters())
+    live = dict(model.named_parameters())
+    for name, new in ema.shadow.items():
+        assert torch.allclose(new, 0.9 * before[name] + 0.1 * live[name], atol=1e-6)
+        assert torch.allclose(new, before[name] + 0.1, atol=1e-6)
+    full = ema.full_state(model)  # frozen params and buffers come from the live model
+    assert torch.equal(full["1.weight"], model[1].weight) and torch.equal(full["1.running_mean"], torch.full((4,), 2.0))
+    assert torch.equal(full["0.weight"], ema.shadow["0.weight"])
+    other = EMA(model, decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert all(torch.equal(other.shadow[k], ema.shadow[k]) for k in ema.shadow)
+    with pytest.raises(KeyError, match="lacks"):
+        other.load_state_dict({})
     with pytest.raises(ValueError):
         EMA(model, decay=1.0)
 

@@ -16,7 +16,7 @@ from apexdistill.train.loop import latest_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
 
-TINY = ["train.batch_size=16", "train.log_every=2", "eval.samples_per_class=2"]
+TINY = ["train.batch_size=16", "train.log_every=2", "eval.samples_per_class=2", "eval.at_end=false"]
 
 
 @pytest.fixture(scope="module")

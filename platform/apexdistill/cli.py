@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 from apexdistill.config import ConfigError
+from apexdistill.tracking import TrackingError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from apexdistill.demo import run_demo
 
-    run_demo(args.workdir, quick=args.quick, overrides=args.overrides)
+    run_demo(args.workdir, quick=args.quick, overrides=[*args.overrides, *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])])
     return 0
 
 
@@ -21,7 +22,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from apexdistill.config import dump_yaml, load_config
     from apexdistill.train.driver import run_training
 
-    cfg = load_config(args.config, [*args.overrides, *([f"run.workdir={args.workdir}"] if args.workdir else [])])
+    cfg = load_config(args.config, [*args.overrides, *([f"run.workdir={args.workdir}"] if args.workdir else []),
+                                    *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])])
     print(dump_yaml(cfg), flush=True)
     result = run_training(cfg, address=args.address)
     print(f"[train] checkpoint: {result.checkpoint_dir}")
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="preprocess -> teacher -> APEX distill -> evaluate -> report, on a laptop")
     d.add_argument("--workdir", default="./apex-runs")
     d.add_argument("--quick", action="store_true", help="a smoke run in well under a minute of training (for tests)")
+    d.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
     d.add_argument("overrides", nargs="*", help="dotted key=value config overrides, e.g. objective.name=apex_literal")
     d.set_defaults(fn=_cmd_demo)
 
@@ -108,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-c", "--config", required=True, help="YAML config (see jobs/configs/)")
     t.add_argument("--workdir", default=None, help="overrides run.workdir")
     t.add_argument("--address", default=None, help="Ray cluster address (default: local, or RAY_ADDRESS)")
+    t.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: tracking.uri, MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
     t.set_defaults(fn=_cmd_train)
 
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TrackingError) as exc:
         if os.environ.get("APEXDISTILL_DEBUG"):
             raise
         print(f"apexdistill {args.command}: error: {exc}", file=sys.stderr)

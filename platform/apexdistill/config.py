@@ -197,6 +197,11 @@ class ObjectiveConfig(_Section):
     regression: RegressionConfig = Field(default_factory=RegressionConfig)
 
 
+class DeepSpeedConfig(_Section):
+    stage: Literal[1, 2, 3] = Field(2, description="ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters")
+    offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (ZeRO-Offload)")
+
+
 class TrainConfig(_Section):
     steps: int = Field(1000, ge=1)
     max_minutes: float | None = Field(None, gt=0, description="stop early after this much training time")
@@ -208,10 +213,32 @@ class TrainConfig(_Section):
     schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="0 disables EMA")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step (global batch = batch_size x grad_accum_steps x workers)")
     num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 = local mode in the driver process")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="fractional on small machines, so Ray Data read tasks are never starved")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    strategy: Literal["none", "ddp", "fsdp2", "deepspeed"] = Field(
+        "none", description="none (one process), ddp, fsdp2 (fully_shard per block + root), deepspeed (ZeRO, see train.deepspeed)"
+    )
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     log_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(500, ge=0, description="publish a checkpoint every N steps (0 = only at the end)")
+    num_to_keep: int = Field(2, ge=1, description="checkpoints kept (the newest ones)")
+    max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint before the run fails")
+    fail_at_step: int | None = Field(None, ge=1, description="drill: one worker raises once after this step (needs max_failures >= 1)")
+
+    @property
+    def use_bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///<run.workdir>/mlflow.db")
+    experiment: str = Field("apexdistill", description="MLflow experiment (one per study)")
+    sample_every: int = Field(0, ge=0, description="log a sample grid (fixed prompts and seeds) every N steps; 0 = at the end only")
+    sample_nfe: int = Field(1, ge=1, description="NFE of the logged sample grids")
 
 
 class EvalConfig(_Section):
@@ -222,6 +249,7 @@ class EvalConfig(_Section):
     seed: int = 1234
     batch_size: int = Field(500, ge=1)
     feature_extractor: str | None = Field(None, description="local TorchScript feature network; default: the digit classifier")
+    at_end: bool = Field(True, description="after training on the built-in digits, score the final weights and log them to MLflow")
 
     @model_validator(mode="after")
     def _nfe(self) -> "EvalConfig":
@@ -240,9 +268,11 @@ class Config(_Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
+        _check_parallel_setup(self)
         if self.objective.name == "twinflow":
             if self.objective.shift.learnable:
                 raise ValueError("objective.name='twinflow' uses a fixed condition shift: set objective.shift.learnable=false")
@@ -254,6 +284,29 @@ class Config(_Section):
             if not self.model.target_time:
                 raise ValueError("objective.name='twinflow' needs a backbone that accepts a target time: set model.target_time=true")
         return self
+
+
+def _check_parallel_setup(cfg: "Config") -> None:
+    t = cfg.train
+    if t.strategy != "none" and t.num_workers == 0:
+        raise ValueError(f"train.strategy='{t.strategy}' runs on Ray Train workers: set train.num_workers >= 1 "
+                         f"(train.num_workers=0 is local mode, one process without a process group)")
+    if t.strategy == "none" and t.num_workers > 1:
+        raise ValueError(f"train.num_workers={t.num_workers} needs a parallel strategy: set train.strategy to ddp, fsdp2 or deepspeed")
+    if t.precision == "bf16" and not t.use_gpu:
+        raise ValueError("train.precision='bf16' is for GPU workers: set train.use_gpu=true, or train.precision=auto/fp32 on CPU")
+    if t.strategy == "deepspeed" and t.deepspeed.stage == 3:
+        if t.ema_decay > 0:
+            raise ValueError("train.strategy='deepspeed' with train.deepspeed.stage=3 partitions the parameters, which the EMA "
+                             "cannot follow: set train.ema_decay=0, or use stage 1/2 or train.strategy=fsdp2")
+        if cfg.objective.shift.learnable:
+            raise ValueError("objective.shift.learnable=true is not supported with DeepSpeed ZeRO-3: use stage 1/2, fsdp2 or ddp")
+    if t.fail_at_step is not None:
+        if t.max_failures < 1 or t.num_workers == 0:
+            raise ValueError("train.fail_at_step injects a worker failure to be survived: it needs train.max_failures >= 1 "
+                             "and train.num_workers >= 1")
+        if t.fail_at_step >= t.steps:
+            raise ValueError(f"train.fail_at_step={t.fail_at_step} must be below train.steps={t.steps}")
 
 
 # ----------------------------------------------------------------------------- loading

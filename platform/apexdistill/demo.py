@@ -50,9 +50,10 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
 
     teacher = build_backbone(cfg.model, shapes.channels, shapes.resolution, shapes.text_dim).eval()
 
-    print(f"[demo] 3/5 distilling with '{cfg.objective.name}' (Ray Train, local mode)", flush=True)
+    where = "local mode" if cfg.train.num_workers == 0 else f"{cfg.train.num_workers} workers, {cfg.train.strategy}"
+    print(f"[demo] 3/5 distilling with '{cfg.objective.name}' (Ray Train, {where})", flush=True)
     t0 = time.time()
-    result = run_training(cfg)
+    result = run_training(cfg, evaluate=False)  # the demo scores teacher and student side by side below
     train_minutes = (time.time() - t0) / 60
     student, _ = load_trained_backbone(result.run_dir, use_ema=cfg.eval.use_ema)
 
@@ -79,8 +80,26 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
         "samples_png": str(grid),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    if result.mlflow_run_id:
+        _log_to_mlflow(result, rows, bench.evaluator.floor_fd, grid, results)
     print()
     print(format_table(rows, bench.evaluator.floor_fd))
     print(f"\n{results['train_steps']} distillation steps in {train_minutes:.1f} min; total {results['total_minutes']:.1f} min")
     print(f"samples: {grid}\nresults: {out / 'results.json'}")
+    if result.mlflow_run_id:
+        print(f"MLflow: run {result.mlflow_run_id} in {result.tracking_uri} "
+              f"(browse: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1)")
     return results
+
+
+def _log_to_mlflow(result, rows, floor_fd, grid, results) -> None:
+    """The demo's table into the training run: the student's rows as eval/*, the teacher's as teacher/*."""
+    from apexdistill.tracking import RunLogger
+    from apexdistill.train.driver import log_eval_rows
+
+    logger = RunLogger(result.tracking_uri, result.mlflow_run_id)
+    student = [r for r in rows if r.model.startswith("student")]
+    log_eval_rows(logger, student, floor_fd)
+    log_eval_rows(logger, [r for r in rows if r.model.startswith("teacher")], floor_fd, prefix="teacher")
+    logger.log_artifacts(grid.parent, "demo")
+    logger.log_metrics({"demo/total_minutes": results["total_minutes"], "demo/train_minutes": results["train_minutes"]})

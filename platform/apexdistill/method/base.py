@@ -37,6 +37,10 @@ class Objective(nn.Module):
         """Extra optimizer groups owned by the objective (e.g. the learnable shift)."""
         return []
 
+    def attach(self, backbone: nn.Module) -> None:
+        """Called once with the plain backbone, before any parallel wrapping (DDP, FSDP2, DeepSpeed)
+        and before a checkpoint is loaded: the place to copy a frozen teacher."""
+
 
 class ShiftedObjective(Objective):
     """An objective with a condition shift c_fake = a*c + b (Eq. 9); a learnable shift gets its own

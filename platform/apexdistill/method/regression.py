@@ -28,9 +28,13 @@ class Regression(Objective):
         self._bank: dict[str, list[Tensor]] = {"z": [], "text": [], "mask": [], "x": []}
         self._bank_rows = 0
 
+    def attach(self, backbone: nn.Module) -> None:
+        # the teacher is the model as it starts; a resumed run loads the saved teacher over it
+        self._teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
+
     def _teacher_of(self, model: nn.Module) -> nn.Module:
         if self._teacher is None:
-            self._teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            self.attach(model)
         return self._teacher
 
     @torch.no_grad()

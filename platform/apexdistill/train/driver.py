@@ -1,13 +1,16 @@
-"""Launch the worker loop with Ray Train's ``TorchTrainer`` and collect the result.
+"""Launch the worker loop with Ray Train's ``TorchTrainer``, tracked in MLflow, and collect the result.
 
 Run names are stable (no timestamps): running the same name again resumes from its last checkpoint
-(Ray Train V2 resumes by ``RunConfig(name, storage_path)``; ``resume_from_checkpoint`` raises).
+(Ray Train V2 resumes by ``RunConfig(name, storage_path)``; ``resume_from_checkpoint`` raises) and
+logs into the same MLflow run. ``FailureConfig(max_failures)`` restarts a failed worker group from
+the last reported checkpoint, inside the same ``fit()`` and the same MLflow run.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +22,25 @@ class TrainResult:
     run_dir: Path
     checkpoint_dir: Path
     metrics: dict[str, Any]
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    eval_rows: list[Any] = field(default_factory=list)
 
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.workdir).resolve() / "runs" / cfg.run.name
 
 
+def ray_storage(cfg: Config) -> Path:
+    return Path(cfg.run.workdir).resolve() / "ray_results"
+
+
 def clear_run(cfg: Config) -> None:
-    """Delete a run's folder and Ray's record of it, so the next fit starts fresh instead of resuming."""
+    """Delete a run's folder and Ray's record of it, so the next fit starts fresh instead of resuming
+    (and opens a new MLflow run: the record of the old one lives in the run folder)."""
     import shutil
 
-    folder = run_dir(cfg)
-    for path in (folder, folder.parent.parent / "ray_results" / cfg.run.name):
+    for path in (run_dir(cfg), ray_storage(cfg) / cfg.run.name):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -41,56 +51,151 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    address = address or os.environ.get("RAY_ADDRESS")
+    local = {} if address else {
+        # Ray Train V2 watches its controller through the state API, which the dashboard serves
+        "include_dashboard": True, "dashboard_host": "127.0.0.1",
+    }
     ray.init(
-        address=address or os.environ.get("RAY_ADDRESS"),
-        include_dashboard=False,
+        address=address,
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}},
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
+                                  # worker prints go to stdout once, not again through Train's logger
+                                  "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        **local,
     )
 
 
-def run_training(cfg: Config, address: str | None = None) -> TrainResult:
+def sample_prompts(cfg: Config, cache_uri: str, limit: int = 8) -> dict[str, list] | None:
+    """Text states of the fixed prompts for the MLflow sample grids: the ten digits, or the first
+    distinct captions of the cache."""
+    from apexdistill.train.data import digit_caption_table, encode_captions
+
+    if cfg.data.source == "digits":
+        text, mask = digit_caption_table(cfg)
+    else:
+        from apexdistill.data.preprocess import read_cache
+
+        captions: list[str] = []
+        for row in read_cache(cache_uri, columns=["caption"]).take(256):
+            if row["caption"] not in captions:
+                captions.append(str(row["caption"]))
+            if len(captions) == limit:
+                break
+        if not captions:
+            return None
+        text, mask = encode_captions(cfg, captions)
+    return {"text": text.tolist(), "mask": mask.tolist()}
+
+
+def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None) -> list[Any]:
+    """1/2/4-NFE scores of the final (EMA) weights on the built-in digits, logged into the run."""
+    from apexdistill.eval.runner import DigitsBench, format_table
+    from apexdistill.train.data import digit_caption_table
+    from apexdistill.train.export import load_trained_backbone
+
+    model, _ = load_trained_backbone(run_folder, use_ema=cfg.eval.use_ema)
+    bench = DigitsBench(cfg, *digit_caption_table(cfg))
+    rows = bench.score(cfg.run.name, model, cfg.eval.nfe, "few_step")
+    print(format_table(rows, bench.evaluator.floor_fd), flush=True)
+    if logger is not None:
+        log_eval_rows(logger, rows, bench.evaluator.floor_fd)
+    return rows
+
+
+def log_eval_rows(logger: Any, rows: list[Any], floor_fd: float | None = None, prefix: str = "eval") -> None:
+    metrics: dict[str, float] = {}
+    for r in rows:
+        metrics[f"{prefix}/fd_{r.nfe}nfe"] = r.fd
+        metrics[f"{prefix}/ms_per_image_{r.nfe}nfe"] = r.ms_per_image
+        if r.accuracy is not None:
+            metrics[f"{prefix}/accuracy_{r.nfe}nfe"] = r.accuracy
+    if floor_fd is not None:
+        metrics[f"{prefix}/floor_fd"] = floor_fd
+    logger.log_metrics(metrics)
+    logger.log_dict({"rows": [r.as_dict() for r in rows], "floor_fd": floor_fd}, f"{prefix}/results.json")
+
+
+def run_training(cfg: Config, address: str | None = None, evaluate: bool | None = None, parent_run_id: str | None = None) -> TrainResult:
+    """Preprocess (a cache hit costs milliseconds), open the MLflow run, fit, evaluate, close the run.
+
+    ``evaluate``: score the final weights on the built-in digits (default: when the data is the digits
+    and ``eval.at_end`` is set)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from apexdistill.train.loop import train_loop_per_worker
-
     from apexdistill.data.preprocess import read_cache, run_preprocess
+    from apexdistill.tracking import RunLogger, close_run, open_run
     from apexdistill.train.data import DataShapes, row_bytes
+    from apexdistill.train.loop import latest_checkpoint, train_loop_per_worker
 
     out = run_dir(cfg)
+    handle = None
+    if cfg.tracking.enabled:  # an unreachable server is reported before any worker starts
+        from apexdistill.tracking import check_reachable, resolve_uri
+
+        check_reachable(resolve_uri(cfg))
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "config.yaml")
     ensure_ray(address)
-    cache = run_preprocess(cfg)  # a cache hit costs milliseconds and encodes nothing
+    cache = run_preprocess(cfg)
     shapes = DataShapes.from_manifest(cache.manifest, cache.uri)
     shapes.save(out)
-    scaling = ray.train.ScalingConfig(
-        num_workers=cfg.train.num_workers,
-        use_gpu=False,
-        resources_per_worker={"CPU": cfg.train.cpus_per_worker} if cfg.train.num_workers > 0 else None,
-    )
+    if cfg.tracking.enabled:
+        handle = open_run(cfg, out, tags={"apexdistill.cache_key": cache.key},
+                          parent_run_id=parent_run_id)
+        verb = "resuming" if handle.resumed else "logging to"
+        print(f"[train] MLflow: {verb} run {handle.run_id} in experiment '{cfg.tracking.experiment}' ({handle.uri})", flush=True)
+    logger = RunLogger.from_handle(handle)
+
+    workers = cfg.train.num_workers
+    resources: dict[str, float] | None = None
+    if workers > 0:
+        resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the split into shards: no bars in the training log
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(out), "shapes": shapes.__dict__,
-                           "row_bytes": row_bytes(cache.manifest)},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"), "run_dir": str(out), "shapes": shapes.__dict__,
+            "row_bytes": row_bytes(cache.manifest), "tracking": handle.as_dict() if handle else None,
+            "sample_prompts": sample_prompts(cfg, cache.uri) if handle else None,
+        },
         datasets={"train": read_cache(cache.uri)},
-        scaling_config=scaling,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu and workers > 0, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=str(out.parent.parent / "ray_results"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            storage_path=str(ray_storage(cfg)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    started = time.time()
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except BaseException as exc:
+        if handle is not None:
+            close_run(handle, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
-    from apexdistill.train.loop import latest_checkpoint
-
-    # local mode reports the folder we published; with workers Ray has a copy under storage_path
+    # local mode reports the folder we published; with workers Ray also has a copy under storage_path
     checkpoint = latest_checkpoint(out) or Path(result.checkpoint.path)
-    return TrainResult(run_dir=out, checkpoint_dir=checkpoint, metrics=dict(result.metrics or {}))
+    metrics = dict(result.metrics or {})
+    rows: list[Any] = []
+    if logger is not None:
+        logger.set_tags({"apexdistill.checkpoint": str(checkpoint)})
+        logger.log_metrics({"fit_seconds": time.time() - started})
+    if evaluate if evaluate is not None else (cfg.eval.at_end and cfg.data.source == "digits" and not cfg.vae.path):
+        print("[train] evaluating the final weights on the built-in digits", flush=True)
+        rows = evaluate_run(cfg, out, logger)
+    if handle is not None:
+        close_run(handle, "FINISHED")
+    return TrainResult(run_dir=out, checkpoint_dir=checkpoint, metrics=metrics, eval_rows=rows,
+                       mlflow_run_id=handle.run_id if handle else None, tracking_uri=handle.uri if handle else None)
+

@@ -12,6 +12,9 @@ from apexdistill.models.build import build_backbone
 from apexdistill.models.pipeline import save_pipeline
 from apexdistill.train.data import DataShapes
 from apexdistill.train.loop import CHECKPOINT_STATE, latest_checkpoint
+from apexdistill.train.strategy import EMA_FILE, MODEL_FILE
+
+LORA_DIR = "lora"  # the adapter alone, next to the merged transformer/
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Config, Path]:
@@ -33,14 +36,46 @@ def load_trained_backbone(path: str | Path, use_ema: bool = True) -> tuple[Backb
     cfg, ckpt = resolve_checkpoint(path)
     shapes = DataShapes.load(ckpt.parent.parent)
     backbone = build_backbone(cfg.model, shapes.channels, shapes.resolution, shapes.text_dim)
-    weights = ckpt / ("ema.safetensors" if use_ema and (ckpt / "ema.safetensors").is_file() else "model.safetensors")
+    weights = ckpt / (EMA_FILE if use_ema and (ckpt / EMA_FILE).is_file() else MODEL_FILE)
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"checkpoint '{ckpt}' holds only the sharded training state (train.strategy={cfg.train.strategy}); "
+            f"full weights are written with the run's final checkpoint: pass the run folder or its last step_* folder"
+        )
     backbone.load_state_dict(load_file(str(weights)))
     return backbone.eval(), cfg
 
 
 def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True, overwrite: bool = False) -> Path:
-    """A diffusers pipeline folder (``transformer/``, LoRA merged, plus the resolved training config)."""
+    """A diffusers pipeline folder: ``transformer/`` (LoRA merged) and, for a LoRA run, ``lora/`` with
+    the adapter alone (diffusers' safetensors format, loads back with ``load_lora``), plus the
+    resolved training config. The run's MLflow run (if any) gets the export path as a tag and the
+    LoRA adapter as an artifact."""
+    from apexdistill.models.lora import has_lora, save_lora
+
     backbone, cfg = load_trained_backbone(path, use_ema)
-    folder = save_pipeline(out, backbone, extra_meta={"ema": use_ema, "objective": cfg.objective.name}, overwrite=overwrite)
-    dump_yaml(cfg, Path(folder) / "train_config.yaml")
-    return Path(folder)
+    folder = Path(save_pipeline(out, backbone, extra_meta={"ema": use_ema, "objective": cfg.objective.name}, overwrite=overwrite))
+    dump_yaml(cfg, folder / "train_config.yaml")
+    if has_lora(backbone):
+        save_lora(backbone, folder / LORA_DIR)
+    _record_export(Path(path), folder)
+    return folder
+
+
+def _record_export(path: Path, folder: Path) -> None:
+    import json
+
+    from apexdistill.tracking import RUN_FILE, RunLogger
+
+    run_folder = path if (path / RUN_FILE).is_file() else path.parent.parent
+    record = run_folder / RUN_FILE
+    if not record.is_file():
+        return
+    data = json.loads(record.read_text())
+    try:
+        logger = RunLogger(data["uri"], data["run_id"])
+        logger.set_tags({"apexdistill.export": str(folder.resolve())})
+        if (folder / LORA_DIR).is_dir():
+            logger.log_artifacts(folder / LORA_DIR, LORA_DIR)
+    except Exception as exc:  # noqa: BLE001 - the export itself succeeded; say why it is not tracked
+        print(f"[export] note: could not record the export in MLflow run {data.get('run_id')}: {exc}")

@@ -1,15 +1,22 @@
 """The training recipe: one Ray Train worker function that owns the loop top to bottom.
 
-``train_loop_per_worker({"config": <resolved config dict>})`` builds the data, the backbone, the
-objective, the optimizer and the EMA, resumes from ``ray.train.get_checkpoint()`` when there is one,
-trains, and reports metrics and checkpoints with ``ray.train.report``. ``TorchTrainer`` runs it in
-local mode (``num_workers=0``, in the driver process) or on N workers; the loop is the same.
+``train_loop_per_worker(loop_config)`` builds the data, the backbone, the objective and the
+parallel strategy (``train.strategy``: none, ddp, fsdp2, deepspeed), resumes from
+``ray.train.get_checkpoint()`` when there is one, trains, logs to MLflow from rank 0, and reports
+metrics and checkpoints with ``ray.train.report``. ``TorchTrainer`` runs it in local mode
+(``num_workers=0``, in the driver process) or on N workers; the loop is the same.
+
+Checkpoints are written by every rank into one folder (each rank its RNG state, sharded strategies
+their shards), published with an atomic rename by rank 0, and reported to Ray, which copies them to
+``RunConfig.storage_path``; Ray's copy is what a restarted worker group resumes from.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import resource
 import shutil
 import tempfile
 import time
@@ -23,28 +30,21 @@ from safetensors.torch import load_file, save_file
 
 from apexdistill.config import Config
 from apexdistill.method.base import build_objective
-from apexdistill.method.ema import EMA
-from apexdistill.models.backbone import Backbone
 from apexdistill.models.build import build_backbone
 from apexdistill.train.data import DataShapes, shard_batches
+from apexdistill.train.strategy import Strategy, barrier, build_strategy, distributed
 
 CHECKPOINT_STATE = "trainer_state.json"
+FAULT_MARKER = ".injected_failure"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by ``train.fail_at_step`` (a drill for fault tolerance)."""
 
 
 def _log(rank: int, msg: str) -> None:
     if rank == 0:
         print(msg, flush=True)
-
-
-def build_optimizer(cfg: Config, backbone: torch.nn.Module, objective: torch.nn.Module) -> torch.optim.Optimizer:
-    groups: list[dict[str, Any]] = [
-        {"params": [p for p in backbone.parameters() if p.requires_grad], "lr": cfg.train.lr, "name": "backbone"}
-    ]
-    for group in objective.param_groups():
-        groups.append({"params": group["params"], "lr": cfg.train.lr * group.get("lr_mult", 1.0), "name": group["name"]})
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -58,25 +58,15 @@ def lr_factor(cfg: Config, step: int) -> float:
     return 1.0
 
 
-def save_checkpoint(folder: Path, backbone: Backbone, ema: EMA | None, objective: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in backbone.state_dict().items()}, str(folder / "model.safetensors"))
-    if ema is not None:
-        save_file({k: v.detach().contiguous() for k, v in ema.state_dict().items()}, str(folder / "ema.safetensors"))
-    obj_state = {k: v.detach().contiguous() for k, v in objective.state_dict().items()}
-    if obj_state:
-        save_file(obj_state, str(folder / "objective.safetensors"))
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    save_file({"torch": torch.get_rng_state(), **({"batches": rng} if (rng := state.pop("batch_rng", None)) is not None else {})},
-              str(folder / "rng.safetensors"))
-    (folder / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
-
-
 def run_identity(cfg: Config) -> dict[str, Any]:
     """What must not change between a run and its resumption (the schedule and budget may)."""
+    parallel: dict[str, Any] = {"strategy": cfg.train.strategy}
+    if cfg.train.strategy == "deepspeed":  # ZeRO's partitioned optimizer states are per world size
+        parallel.update(workers=cfg.train.num_workers, stage=cfg.train.deepspeed.stage)
     return {"objective": cfg.objective.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
             "data": {"source": cfg.data.source, "path": cfg.data.path, "resolution": cfg.data.resolution},
-            "text_encoder": cfg.text_encoder.model_dump(mode="json"), "vae": cfg.vae.model_dump(mode="json")}
+            "text_encoder": cfg.text_encoder.model_dump(mode="json"), "vae": cfg.vae.model_dump(mode="json"),
+            "parallel": parallel}
 
 
 def check_resumable(state: dict[str, Any], cfg: Config, folder: Path) -> None:
@@ -92,51 +82,45 @@ def check_resumable(state: dict[str, Any], cfg: Config, folder: Path) -> None:
     )
 
 
-def load_checkpoint(folder: Path, backbone: Backbone, ema: EMA | None, objective: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    backbone.load_state_dict(load_file(str(folder / "model.safetensors")))
-    if ema is not None and (folder / "ema.safetensors").is_file():
-        ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
-    if (folder / "objective.safetensors").is_file():
-        objective.load_state_dict(load_file(str(folder / "objective.safetensors")), strict=False)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    state = json.loads((folder / CHECKPOINT_STATE).read_text())
-    if (folder / "rng.safetensors").is_file():
-        rng = load_file(str(folder / "rng.safetensors"))
-        torch.set_rng_state(rng["torch"])
-        if "batches" in rng:
-            state["batch_rng"] = rng["batches"]
-    return state
-
-
-def apply_hyperparameters(cfg: Config, optimizer: torch.optim.Optimizer, objective: torch.nn.Module) -> None:
-    """The config's lr/betas/weight decay win over the ones stored in a resumed optimizer state."""
-    mults = {g["name"]: g.get("lr_mult", 1.0) for g in objective.param_groups()}
-    for group in optimizer.param_groups:
-        group["base_lr"] = cfg.train.lr * mults.get(group.get("name"), 1.0)
-        group["betas"] = tuple(cfg.train.betas)
-        group["weight_decay"] = cfg.train.weight_decay
+# ----------------------------------------------------------------------------- checkpoint folders
 
 
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def publish_checkpoint(run_dir: Path, step: int, write: Any, keep: int = 2) -> Path:
-    """Write into a hidden temp folder, then rename: a crash never leaves a complete-looking checkpoint."""
+def _broadcast(value: Any) -> Any:
+    if not distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def publish_checkpoint(run_dir: Path, step: int, write: Any, keep: int = 2, rank: int = 0) -> Path:
+    """Every rank calls ``write(tmp)`` on one hidden temp folder; rank 0 then renames it into place,
+    so a crash never leaves a complete-looking checkpoint. Old ones beyond ``keep`` are pruned."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    tmp = None
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    tmp = Path(_broadcast(tmp))
     try:
         write(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -154,12 +138,41 @@ def find_resume_checkpoint(run_dir: Path) -> ray.train.Checkpoint | None:
     return ray.train.Checkpoint.from_directory(str(local)) if local is not None else None
 
 
-def _state(cfg: Config, step: int, trained_seconds: float, batches: Any) -> dict[str, Any]:
-    state = {"step": step, "trained_seconds": trained_seconds, "objective": cfg.objective.name, "identity": run_identity(cfg)}
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.safetensors"
+
+
+def save_rank_state(folder: Path, rank: int, batches: Any) -> None:
+    """Each rank's random streams: its noise (torch, CUDA) and its data sampler."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     generator = getattr(batches, "generator", None)
     if generator is not None:
-        state["batch_rng"] = generator.get_state()
-    return state
+        state["batches"] = generator.get_state()
+    save_file(state, str(folder / _rng_file(rank)))
+
+
+def load_rank_state(folder: Path, rank: int) -> Any:
+    path = folder / _rng_file(rank)
+    if not path.is_file():
+        return None
+    state = load_file(str(path))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return state.get("batches")
+
+
+def write_checkpoint(folder: Path, strategy: Strategy, batches: Any, trainer_state: dict[str, Any], final: bool) -> None:
+    strategy.save(folder, final=final)
+    save_rank_state(folder, strategy.rank, batches)
+    barrier()
+    if strategy.rank == 0:  # last: a folder without it is never treated as a checkpoint
+        (folder / CHECKPOINT_STATE).write_text(json.dumps(trainer_state, indent=2))
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 def _should_stop(cfg: Config, started: float, trained_seconds: float) -> bool:
@@ -167,7 +180,7 @@ def _should_stop(cfg: Config, started: float, trained_seconds: float) -> bool:
     if cfg.train.max_minutes is None:
         return False
     stop = torch.tensor([float(trained_seconds + time.time() - started > 60 * cfg.train.max_minutes)])
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.broadcast(stop, src=0)
     return bool(stop.item())
 
@@ -177,11 +190,87 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _device(cfg: Config) -> torch.device:
+    if not cfg.train.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.use_gpu=true but this worker sees no CUDA device")
+    try:
+        return ray.train.torch.get_device()
+    except Exception:  # noqa: BLE001 - local mode
+        return torch.device("cuda", 0)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """GPU: peak allocated by torch; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _maybe_fail(cfg: Config, step: int, rank: int, world: int, run_dir: Path) -> None:
+    """``train.fail_at_step``: the last rank raises once (a marker in the run folder remembers it)."""
+    marker = run_dir / FAULT_MARKER
+    if cfg.train.fail_at_step != step or rank != world - 1 or marker.exists():
+        return
+    marker.write_text(json.dumps({"step": step, "rank": rank, "time": time.time()}))
+    raise InjectedFailure(f"train.fail_at_step={step}: injected failure on rank {rank} (a drill; the run restarts from its last checkpoint)")
+
+
+class SampleLogger:
+    """Fixed prompts and seeds, sampled at ``tracking.sample_nfe`` and logged as an MLflow image series."""
+
+    def __init__(self, cfg: Config, loop_config: dict[str, Any], device: torch.device, logger: Any, channels: int, resolution: int) -> None:
+        self.cfg, self.logger, self.device = cfg, logger, device
+        prompts = loop_config.get("sample_prompts")
+        self.enabled = bool(prompts)
+        if not self.enabled:
+            return
+        self.text = torch.tensor(prompts["text"], dtype=torch.float32)
+        self.mask = torch.tensor(prompts["mask"], dtype=torch.float32)
+        self.per_prompt = 4
+        g = torch.Generator().manual_seed(cfg.eval.seed)
+        n = self.text.shape[0] * self.per_prompt
+        self.z = torch.randn((n, channels, resolution, resolution), generator=g)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, step: int) -> None:
+        """Every rank runs the sampler (sharded models need all ranks for a forward); rank 0 logs."""
+        if not self.enabled:
+            return
+        from apexdistill.eval.grid import image_grid_array
+        from apexdistill.method.sampler import sample_few_step
+
+        was_training = model.training
+        model.eval()
+        text = self.text.repeat_interleave(self.per_prompt, 0).to(self.device)
+        mask = self.mask.repeat_interleave(self.per_prompt, 0).to(self.device)
+        images = sample_few_step(model, self.z.to(self.device), text, mask, nfe=self.cfg.tracking.sample_nfe,
+                                 generator=torch.Generator().manual_seed(self.cfg.eval.seed))
+        model.train(was_training)
+        if self.logger is not None:
+            grid = image_grid_array(images.float().cpu(), nrow=self.per_prompt * 2 if self.text.shape[0] % 2 == 0 else self.per_prompt)
+            self.logger.log_image(grid, key=f"samples_{self.cfg.tracking.sample_nfe}nfe", step=step)
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train V2 logs every ``ray.train.report`` call at INFO, with all metrics, on every rank."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # that logger is named by file
+    except ImportError:
+        pass
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["config"])
+    _quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.run.seed + 1000 * rank)
+    run_dir = Path(loop_config["run_dir"])
+    device = _device(cfg)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (FSDP2 keeps each rank's own shard)
 
     shapes = DataShapes(**loop_config["shapes"])
     batches = shard_batches(ray.train.get_dataset_shard("train"), cfg, shapes.rows // world, loop_config["row_bytes"], cfg.run.seed + 1000 * rank)
@@ -191,83 +280,95 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     objective = build_objective(cfg.objective)
     if cfg.train.batch_size % objective.batch_multiple:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of {objective.batch_multiple} for {objective.name}")
-    model: torch.nn.Module = backbone
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(backbone)
-    optimizer = build_optimizer(cfg, backbone, objective)
-    ema = EMA(backbone, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    strategy = build_strategy(cfg, rank, world, device)
+    strategy.wrap(backbone, objective)
+    torch.manual_seed(cfg.run.seed + 1000 * rank)  # then different noise on every rank
+
+    from apexdistill.tracking import RunLogger
+
+    logger = RunLogger.from_handle(loop_config.get("tracking")) if rank == 0 else None
+    sampler = SampleLogger(cfg, loop_config, device, logger, shapes.channels, shapes.resolution)
 
     step, trained_seconds = 0, 0.0
-    resume = find_resume_checkpoint(Path(loop_config["run_dir"]))
+    resume = find_resume_checkpoint(run_dir)
     if resume is not None:
         with resume.as_directory() as folder:
-            check_resumable(json.loads((Path(folder) / CHECKPOINT_STATE).read_text()), cfg, Path(folder))
-            state = load_checkpoint(Path(folder), backbone, ema, objective, optimizer)
-            had_ema = (Path(folder) / "ema.safetensors").is_file()
-        apply_hyperparameters(cfg, optimizer, objective)
-        if ema is not None and not had_ema:
-            ema = EMA(backbone, cfg.train.ema_decay)  # the run had no EMA: start it from the loaded weights
+            folder = Path(folder)
+            state = json.loads((folder / CHECKPOINT_STATE).read_text())
+            check_resumable(state, cfg, folder)
+            strategy.load(folder)
+            batch_rng = load_rank_state(folder, rank)
+        strategy.after_load()
         step, trained_seconds = int(state["step"]), float(state.get("trained_seconds", 0.0))
-        batches.resume_at(step, state.get("batch_rng"))
-        _log(rank, f"[train] resumed at step {step}")
+        batches.resume_at(step, batch_rng)
+        _log(rank, f"[train] resumed at step {step} from {resume.path}")
 
     n_train = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
-    _log(rank, f"[train] {cfg.objective.name} on {cfg.model.backbone}/{cfg.model.preset}: {n_train / 1e6:.2f}M trainable params, "
-         f"{shapes.rows} cached rows, batch {cfg.train.batch_size} x {world} worker(s), {cfg.train.steps} steps")
+    accum = cfg.train.grad_accum_steps
+    _log(rank, f"[train] {cfg.objective.name} on {cfg.model.backbone}/{cfg.model.preset} ({cfg.train.strategy}, {device.type}): "
+         f"{n_train / 1e6:.2f}M trainable params, {shapes.rows} cached rows, batch {cfg.train.batch_size} x {accum} accum x "
+         f"{world} worker(s), {cfg.train.steps} steps")
+
+    def trainer_state() -> dict[str, Any]:
+        return {"step": step, "trained_seconds": trained_seconds + time.time() - started, "objective": cfg.objective.name,
+                "strategy": cfg.train.strategy, "world_size": world, "identity": run_identity(cfg)}
+
+    def checkpoint(final: bool) -> ray.train.Checkpoint | None:
+        state = trainer_state()
+        folder = publish_checkpoint(run_dir, step, lambda tmp: write_checkpoint(tmp, strategy, batches, state, final),
+                                    keep=cfg.train.num_to_keep, rank=rank)
+        return ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None
 
     started, window_start, window_steps = time.time(), time.time(), 0
     metrics: dict[str, float] = {}
     backbone.train()
     while step < cfg.train.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(cfg, step)
-        batch = batches.next(cfg.train.batch_size)
-        loss, metrics = objective.loss(model, batch, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: {metrics}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        optimizer.step()
-        if ema is not None:
-            ema.update(backbone)
+        strategy.set_lr(lr_factor(cfg, step))
+        sums: dict[str, float] = {}
+        for micro in range(accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batches.next(cfg.train.batch_size).items()}
+            with strategy.autocast():
+                loss, micro_metrics = objective.loss(strategy.model, batch, step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step} on rank {rank}: {micro_metrics}")
+            strategy.backward(loss, sync=micro == accum - 1)
+            for k, v in micro_metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / accum
+        metrics = dict(sums)
+        metrics["grad_norm"] = strategy.step()
         step += 1
         window_steps += 1
+        _maybe_fail(cfg, step, rank, world, run_dir)
 
         last = step >= cfg.train.steps or _should_stop(cfg, started, trained_seconds)
         periodic = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0 and not last
-        if periodic:  # every rank reports, rank 0 attaches the checkpoint
-            checkpoint = None
-            if rank == 0:
-                elapsed_total = trained_seconds + time.time() - started
-                folder = publish_checkpoint(Path(loop_config["run_dir"]), step, lambda tmp: save_checkpoint(
-                    tmp, backbone, ema, objective, optimizer, _state(cfg, step, elapsed_total, batches)))
-                checkpoint = ray.train.Checkpoint.from_directory(str(folder))
-            ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
-        if step % cfg.train.log_every == 0 or last:
+        logged = step % cfg.train.log_every == 0 or last
+        if logged:
             elapsed = time.time() - window_start
-            metrics.update(step=step, lr=optimizer.param_groups[0]["lr"],
-                           samples_per_s=window_steps * cfg.train.batch_size * world / max(elapsed, 1e-9),
-                           step_time_s=elapsed / max(window_steps, 1))
+            metrics.update(step=step, lr=strategy.lr, step_time_s=elapsed / max(window_steps, 1),
+                           samples_per_s=window_steps * cfg.train.batch_size * accum * world / max(elapsed, 1e-9),
+                           peak_memory_mb=peak_memory_mb(device))
             eta = (cfg.train.steps - step) * metrics["step_time_s"]
+            if cfg.train.max_minutes is not None:  # the time budget may end the run first
+                eta = min(eta, 60 * cfg.train.max_minutes - (trained_seconds + time.time() - started))
             terms = " ".join(f"{k[5:]}={v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
             _log(rank, f"[train] step {step}/{cfg.train.steps} loss={metrics['loss']:.4f} {terms} "
                  f"| {metrics['samples_per_s']:.0f} samples/s | ETA {_fmt_eta(eta)}")
-            if not last and not periodic:
-                ray.train.report(dict(metrics))
+            if logger is not None:
+                logger.log_metrics(metrics, step)
             window_start, window_steps = time.time(), 0
+        if cfg.tracking.sample_every and step % cfg.tracking.sample_every == 0 and not last:
+            sampler(strategy.backbone, step)
+        if periodic:  # every rank reports, rank 0 attaches the checkpoint
+            ray.train.report({**metrics, "step": step}, checkpoint=checkpoint(final=False))
+        elif logged and not last:
+            ray.train.report({**metrics, "step": step})
         if last:
             break
 
     batches.close()
+    sampler(strategy.backbone, step)
+    final_ckpt = checkpoint(final=True)
     trained_seconds += time.time() - started
-    checkpoint = None
-    if rank == 0:
-        state = _state(cfg, step, trained_seconds, batches)
-        folder = publish_checkpoint(Path(loop_config["run_dir"]), step, lambda tmp: save_checkpoint(tmp, backbone, ema, objective, optimizer, state))
-        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
-    ray.train.report({**metrics, "step": step, "trained_seconds": trained_seconds}, checkpoint=checkpoint)
+    ray.train.report({**metrics, "step": step, "trained_seconds": trained_seconds}, checkpoint=final_ckpt)
     _log(rank, f"[train] done: {step} steps in {_fmt_eta(trained_seconds)}")
-

@@ -1,0 +1,206 @@
+"""Benchmark: training cost of apex against fm, Ray Train's overhead, and 1 vs 2 workers.
+
+Three measurements on the tiny Sana backbone and the built-in digits, all in one run so that the
+ratios compare numbers taken side by side on the same (noisy) machine:
+
+1. ``apex`` vs ``fm`` in-process, same backbone and batch: median step time (interleaved blocks)
+   and training memory. On CUDA the memory is ``torch.cuda.max_memory_allocated``; on CPU, where
+   torch keeps no allocator statistics, it is weights + gradients + AdamW states + the activations
+   saved for backward (counted with ``saved_tensors_hooks``), which is what differs between the two.
+2. The same loop plainly in-process against Ray Train with one worker: steady-state samples/s
+   (median over logging windows, the first one dropped) and the fixed start-up cost.
+3. Ray Train with 1 and 2 workers (DDP, one torch thread each).
+
+    python jobs/benchmark_train.py --steps 300 --batch 32
+
+Writes ``<workdir>/benchmarks/train.json`` and logs a run to the MLflow experiment ``benchmarks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _batch(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"x": torch.rand(n, 1, 16, 16, generator=gen) * 2 - 1, "text": torch.randn(n, 16, 384, generator=gen),
+            "text_mask": torch.ones(n, 16)}
+
+
+def _setup(cfg):
+    from apexdistill.method.base import build_objective
+    from apexdistill.models.build import build_backbone
+    from apexdistill.train.strategy import Strategy
+
+    backbone = build_backbone(cfg.model, 1, 16, 384)
+    strategy = Strategy(cfg, 0, 1, torch.device(cfg.train.use_gpu and "cuda" or "cpu"))
+    strategy.wrap(backbone, build_objective(cfg.objective))
+    return strategy
+
+
+def _step(strategy, batch, step):
+    loss, _ = strategy.objective.loss(strategy.model, batch, step)
+    strategy.backward(loss)
+    strategy.step()
+
+
+def saved_activation_bytes(strategy, batch, step) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = strategy.objective.loss(strategy.model, batch, step)
+    loss.backward()
+    strategy.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def state_bytes(strategy) -> int:
+    trainable = sum(p.numel() * p.element_size() for p in strategy.backbone.parameters() if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for p in strategy.backbone.parameters())
+    return weights + trainable * 3  # + gradients + AdamW's two moments
+
+
+def objective_costs(base_cfg, batch_size: int, steps: int, blocks: int) -> dict:
+    """Interleaved blocks of apex and fm steps; step 1000 so apex's generator term is fully on."""
+    from apexdistill.config import build_config
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [_batch(batch_size, gen) for _ in range(4)]
+    strategies = {name: _setup(build_config(base_cfg.model_dump(mode="json"), [f"objective.name={name}"])) for name in ("apex", "fm")}
+    times: dict[str, list[float]] = {name: [] for name in strategies}
+    for name, s in strategies.items():  # warm-up
+        for i in range(3):
+            _step(s, batches[i % 4], 1000)
+    for _ in range(blocks):
+        for name, s in strategies.items():
+            for i in range(steps // blocks):
+                t0 = time.perf_counter()
+                _step(s, batches[i % 4], 1000)
+                times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, s in strategies.items():
+        device = s.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            _step(s, batches[0], 1000)
+            memory = torch.cuda.max_memory_allocated(device)
+        else:
+            memory = state_bytes(s) + saved_activation_bytes(s, batches[0], 1000)
+        out[name] = {"median_step_s": statistics.median(times[name]), "memory_mb": memory / 2**20,
+                     "activations_mb": saved_activation_bytes(s, batches[0], 1000) / 2**20}
+    out["time_ratio"] = out["apex"]["median_step_s"] / out["fm"]["median_step_s"]
+    out["memory_ratio"] = out["apex"]["memory_mb"] / out["fm"]["memory_mb"]
+    out["activation_ratio"] = out["apex"]["activations_mb"] / out["fm"]["activations_mb"]
+    return out
+
+
+def plain_loop(cfg, shapes, cache_uri: str, steps: int, log_every: int) -> dict:
+    """The worker loop's work without Ray: same data (read once from the Parquet cache), model, objective."""
+    from apexdistill.data.preprocess import load_cache_tensors
+    from apexdistill.train.data import InMemoryBatches
+
+    t0 = time.time()
+    torch.manual_seed(cfg.run.seed)
+    strategy = _setup(cfg)
+    rows = load_cache_tensors(cache_uri)
+    batches = InMemoryBatches({k: rows[k] for k in ("x", "text", "text_mask")}, cfg.run.seed)
+    setup_s = time.time() - t0
+    rates, window = [], time.time()
+    for step in range(steps):
+        _step(strategy, batches.next(cfg.train.batch_size), step)
+        if (step + 1) % log_every == 0:
+            rates.append(log_every * cfg.train.batch_size / (time.time() - window))
+            window = time.time()
+    return {"setup_s": setup_s, "samples_per_s": statistics.median(rates[1:] or rates), "windows": len(rates)}
+
+
+def ray_run(cfg) -> dict:
+    from mlflow import MlflowClient
+
+    from apexdistill.train.driver import clear_run, run_training
+
+    clear_run(cfg)
+    t0 = time.time()
+    result = run_training(cfg, evaluate=False)
+    wall = time.time() - t0
+    history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "samples_per_s")
+    rates = [m.value for m in sorted(history, key=lambda m: m.step)][:-1]  # the last window is the partial one
+    trained = float(result.metrics["trained_seconds"])
+    return {"wall_s": wall, "trained_s": trained, "startup_s": wall - trained,
+            "samples_per_s": statistics.median(rates[1:] or rates), "windows": len(rates)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=300, help="training steps per Ray / plain run")
+    p.add_argument("--batch", type=int, default=32, help="per-rank batch size")
+    p.add_argument("--objective-steps", type=int, default=60, help="timed steps per objective (apex vs fm)")
+    p.add_argument("--workdir", default="./apex-runs")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+
+    import mlflow
+
+    from apexdistill.config import build_config, flatten
+    from apexdistill.data.preprocess import run_preprocess
+    from apexdistill.train.data import DataShapes
+    from apexdistill.train.driver import ensure_ray
+
+    torch.set_num_threads(1)  # one thread everywhere: a Ray worker with one CPU gets one thread
+    log_every = 25
+    common = [f"run.workdir={args.workdir}", "model.path=builtin:teacher", "objective.name=apex", f"train.batch_size={args.batch}",
+              f"train.steps={args.steps}", f"train.log_every={log_every}", "train.checkpoint_every=0", "eval.at_end=false",
+              "tracking.experiment=benchmark-train-runs", *args.overrides]
+    cfg = build_config({}, common)
+    ensure_ray()
+    cache = run_preprocess(cfg)
+    shapes = DataShapes.from_manifest(cache.manifest, cache.uri)
+
+    print("[bench] 1/3 apex vs fm, in-process", flush=True)
+    costs = objective_costs(cfg, args.batch, args.objective_steps, blocks=4)
+    print(f"[bench]     apex {costs['apex']['median_step_s'] * 1e3:.1f} ms/step, fm {costs['fm']['median_step_s'] * 1e3:.1f} ms/step: "
+          f"{costs['time_ratio']:.2f}x time; memory {costs['apex']['memory_mb']:.1f} vs {costs['fm']['memory_mb']:.1f} MB: "
+          f"{costs['memory_ratio']:.2f}x (activations {costs['activation_ratio']:.2f}x)", flush=True)
+
+    print("[bench] 2/3 plain in-process loop vs Ray Train with one worker", flush=True)
+    plain = plain_loop(cfg, shapes, cache.uri, args.steps, log_every)
+    one = ray_run(build_config({}, [*common, "run.name=bench-1w", "train.num_workers=1", "train.cpus_per_worker=1"]))
+    print(f"[bench]     plain {plain['samples_per_s']:.0f} samples/s, Ray 1 worker {one['samples_per_s']:.0f} samples/s: "
+          f"{one['samples_per_s'] / plain['samples_per_s']:.2f}x; Ray start-up {one['startup_s']:.1f} s (plain setup {plain['setup_s']:.1f} s)", flush=True)
+
+    print("[bench] 3/3 Ray Train, 2 workers (DDP)", flush=True)
+    two = ray_run(build_config({}, [*common, "run.name=bench-2w", "train.num_workers=2", "train.cpus_per_worker=0.9",
+                                    "train.strategy=ddp"]))
+    print(f"[bench]     2 workers {two['samples_per_s']:.0f} samples/s vs 1 worker {one['samples_per_s']:.0f}: "
+          f"{two['samples_per_s'] / one['samples_per_s']:.2f}x", flush=True)
+
+    record = {"objectives": costs, "plain": plain, "ray_1_worker": one, "ray_2_workers": two,
+              "ray_over_plain": one["samples_per_s"] / plain["samples_per_s"],
+              "two_over_one": two["samples_per_s"] / one["samples_per_s"], "batch_per_rank": args.batch, "steps": args.steps}
+    out = Path(args.workdir) / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.json").write_text(json.dumps(record, indent=2))
+    mlflow.set_tracking_uri(f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}")
+    mlflow.set_experiment("benchmarks")
+    with mlflow.start_run(run_name="train"):
+        mlflow.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("model.", "train.batch_size", "objective.name"))})
+        mlflow.log_metrics({"apex_over_fm_time": costs["time_ratio"], "apex_over_fm_memory": costs["memory_ratio"],
+                            "ray_over_plain": record["ray_over_plain"], "ray_startup_s": one["startup_s"],
+                            "two_over_one_workers": record["two_over_one"], "plain_samples_per_s": plain["samples_per_s"],
+                            "ray1_samples_per_s": one["samples_per_s"], "ray2_samples_per_s": two["samples_per_s"]})
+        mlflow.log_dict(record, "train.json")
+    print(f"[bench] wrote {out / 'train.json'}; MLflow experiment 'benchmarks' in {Path(args.workdir) / 'mlflow.db'}")
+
+
+if __name__ == "__main__":
+    main()

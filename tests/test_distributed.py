@@ -1,0 +1,152 @@
+"""Distributed training on real local Ray: 2 CPU workers (gloo) with ddp, fsdp2 and deepspeed,
+resume, an injected worker failure, LoRA export, and what lands in a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from apexdistill.config import build_config
+from apexdistill.tracking import TrackingError, check_reachable
+from apexdistill.train.driver import run_training
+
+pytestmark = pytest.mark.timeout(420)
+
+# two workers on two cores: fractional CPUs so Ray Data's read tasks are never starved
+TWO = ["train.num_workers=2", "train.cpus_per_worker=0.45", "train.batch_size=8", "train.log_every=1",
+       "eval.samples_per_class=2", "eval.at_end=false", "train.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _cfg(workdir, cache, *overrides):
+    return build_config({}, [f"run.workdir={workdir}", f"data.cache_uri={cache}", *TWO, *overrides])
+
+
+def _weights(result, name="model.safetensors"):
+    return load_file(str(result.checkpoint_dir / name))
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache):
+    """ddp, fsdp2 and deepspeed ZeRO-2 on the same data, seeds and init take the same steps: their
+    final weights agree to float32 round-off (the three reduce the same gradients differently)."""
+    results = {}
+    for strategy in ("ddp", "fsdp2", "deepspeed"):
+        results[strategy] = run_training(_cfg(tmp_path, shared_cache, f"run.name={strategy}", f"train.strategy={strategy}",
+                                              "train.steps=4", "train.checkpoint_every=2", "tracking.enabled=false"))
+    for strategy, result in results.items():
+        assert result.metrics["step"] == 4 and torch.isfinite(torch.tensor(result.metrics["loss"]))
+        steps = sorted(p.name for p in (result.run_dir / "checkpoints").glob("step_*"))
+        assert steps == ["step_00000002", "step_00000004"], (strategy, steps)
+        files = {p.name for p in result.checkpoint_dir.iterdir()}
+        assert {"model.safetensors", "ema.safetensors", "rng_rank0.safetensors", "rng_rank1.safetensors", "trainer_state.json"} <= files
+    assert (results["fsdp2"].run_dir / "checkpoints" / "step_00000002" / "sharded" / ".metadata").is_file()  # DCP shards
+    assert not (results["fsdp2"].run_dir / "checkpoints" / "step_00000002" / "model.safetensors").exists()
+    assert (results["deepspeed"].checkpoint_dir / "deepspeed" / "state").is_dir()
+    ddp = _weights(results["ddp"])
+    for other in ("fsdp2", "deepspeed"):
+        assert _max_diff(ddp, _weights(results[other])) < 1e-4, other
+    # training moved the weights (they are not all just the initial ones)
+    assert results["ddp"].metrics["grad_norm"] > 0
+
+
+def test_resume_and_injected_failure_match_an_uninterrupted_run(tmp_path, shared_cache):
+    """DDP, 6 steps three ways: straight; stopped at 3 and run again to 6; and with a worker failure
+    injected at step 5 (restarts from the step-3 checkpoint inside the same fit). Tolerance: the
+    final weights are equal to float32 round-off (measured: bit-exact)."""
+    common = ["train.strategy=ddp", "train.checkpoint_every=3", "objective.name=fm"]
+    straight = run_training(_cfg(tmp_path / "a", shared_cache, "run.name=s", "train.steps=6", *common))
+
+    run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", "train.steps=3", *common))
+    resumed = run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", "train.steps=6", *common))
+    assert json.loads((resumed.checkpoint_dir / "trainer_state.json").read_text())["step"] == 6
+    assert _max_diff(_weights(straight), _weights(resumed)) <= 1e-6
+    assert resumed.mlflow_run_id is not None
+
+    failed = run_training(_cfg(tmp_path / "c", shared_cache, "run.name=f", "train.steps=6", "train.fail_at_step=5",
+                               "train.max_failures=1", "eval.at_end=true", "tracking.sample_every=3", *common))
+    assert (failed.run_dir / ".injected_failure").is_file()
+    assert failed.metrics["step"] == 6
+    assert _max_diff(_weights(straight), _weights(failed)) <= 1e-6
+
+    # the stopped-and-resumed job logged into one MLflow run, and so did the one that failed
+    for result, name in ((resumed, "r"), (failed, "f")):
+        client = MlflowClient(result.tracking_uri)
+        exp = client.get_experiment_by_name("apexdistill")
+        runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+        assert len(runs) == 1 and runs[0].info.run_id == result.mlflow_run_id
+        assert runs[0].info.status == "FINISHED"
+        history = client.get_metric_history(result.mlflow_run_id, "loss")
+        assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]  # continuous, ends at the right step
+        by_step: dict[int, set] = {}
+        for m in history:
+            by_step.setdefault(m.step, set()).add(round(m.value, 6))
+        assert all(len(v) == 1 for v in by_step.values()), by_step  # a replayed step logs the same value again
+
+    run = MlflowClient(failed.tracking_uri).get_run(failed.mlflow_run_id)
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert params["train.strategy"] == "ddp" and params["train.steps"] == "6" and params["objective.name"] == "fm"
+    assert params["objective.shift.a"] == "-1.0"
+    for key in ("loss", "loss_fm", "grad_norm", "lr", "samples_per_s", "step_time_s", "peak_memory_mb",
+                "eval/fd_1nfe", "eval/accuracy_1nfe", "eval/ms_per_image_1nfe"):
+        assert key in metrics, key
+    assert tags["apexdistill.objective"] == "fm" and tags["apexdistill.strategy"] == "ddp"
+    assert tags["apexdistill.cache_key"].startswith("digits-") and tags["mlflow.source.git.commit"]
+    assert tags["apexdistill.checkpoint"] == str(failed.checkpoint_dir)
+    client = MlflowClient(failed.tracking_uri)
+    artifacts = {a.path for a in client.list_artifacts(failed.mlflow_run_id)}
+    assert {"config.yaml", "images", "eval"} <= artifacts
+    config_text = client.download_artifacts(failed.mlflow_run_id, "config.yaml", str(tmp_path / "dl"))
+    assert "fail_at_step: 5" in open(config_text).read()
+    images = [a.path for a in client.list_artifacts(failed.mlflow_run_id, "images") if a.path.endswith(".png")]
+    steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images)
+    assert steps[0] == 3 and steps[-1] == 6  # an image series: every sample_every steps and at the end
+
+
+def test_lora_with_fsdp2_exports_an_adapter_that_loads_back(tmp_path, shared_cache):
+    from apexdistill.models.build import build_backbone
+    from apexdistill.models.lora import has_lora, load_lora
+    from apexdistill.train.export import export_pipeline, load_trained_backbone
+
+    cfg = _cfg(tmp_path, shared_cache, "run.name=lora", "train.strategy=fsdp2", "train.steps=3", "model.path=builtin:teacher",
+               "model.lora.enabled=true", "model.lora.rank=4", "train.lr=1e-2")
+    result = run_training(cfg)
+    trained, _ = load_trained_backbone(result.run_dir, use_ema=False)
+    lora_b = [v for k, v in trained.state_dict().items() if "lora_B" in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)  # B starts at zero: the adapters trained
+
+    out = export_pipeline(result.run_dir, tmp_path / "export", use_ema=False)
+    no_lora = cfg.model.lora.model_copy(update={"enabled": False})
+    base = build_backbone(cfg.model.model_copy(update={"lora": no_lora}), 1, 16, 384)  # the shipped teacher
+    again = load_lora(base, out / "lora")
+    assert has_lora(again)
+    merged = build_backbone(cfg.model.model_copy(update={"path": str(out), "lora": no_lora}), 1, 16, 384)
+    g = torch.Generator().manual_seed(0)
+    x, t, c, m = torch.randn(3, 1, 16, 16, generator=g), torch.rand(3, generator=g), torch.randn(3, 16, 384, generator=g), torch.ones(3, 16)
+    with torch.no_grad():
+        want = trained(x, t, c, m)
+        assert torch.equal(again.eval()(x, t, c, m), want)  # the adapter alone on the base model
+        assert torch.allclose(merged.eval()(x, t, c, m), want, atol=1e-5)  # merged into transformer/
+    tags = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.tags
+    assert tags["apexdistill.export"] == str(out.resolve()) and tags["apexdistill.lora"] == "true"
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, shared_cache):
+    with pytest.raises(TrackingError, match=r"127\.0\.0\.1:9.*unreachable"):
+        check_reachable("http://127.0.0.1:9", timeout=2)
+    cfg = _cfg(tmp_path, shared_cache, "run.name=x", "train.strategy=ddp", "tracking.uri=http://127.0.0.1:9")
+    with pytest.raises(TrackingError, match="unreachable"):
+        run_training(cfg)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ray_results").exists()  # nothing started, nothing written
