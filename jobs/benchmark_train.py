@@ -76,7 +76,9 @@ def objective_costs(base_cfg, batch_size: int, steps: int, blocks: int) -> dict:
 
     gen = torch.Generator().manual_seed(0)
     batches = [_batch(batch_size, gen) for _ in range(4)]
-    strategies = {name: _setup(build_config(base_cfg.model_dump(mode="json"), [f"objective.name={name}"])) for name in ("apex", "fm")}
+    variants = {"apex": ["objective.name=apex"], "apex_no_anchor": ["objective.name=apex", "objective.apex.lambda_r=0"],
+                "fm": ["objective.name=fm"]}
+    strategies = {name: _setup(build_config(base_cfg.model_dump(mode="json"), ov)) for name, ov in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in strategies}
     for name, s in strategies.items():  # warm-up
         for i in range(3):
@@ -98,9 +100,11 @@ def objective_costs(base_cfg, batch_size: int, steps: int, blocks: int) -> dict:
             memory = state_bytes(s) + saved_activation_bytes(s, batches[0], 1000)
         out[name] = {"median_step_s": statistics.median(times[name]), "memory_mb": memory / 2**20,
                      "activations_mb": saved_activation_bytes(s, batches[0], 1000) / 2**20}
-    out["time_ratio"] = out["apex"]["median_step_s"] / out["fm"]["median_step_s"]
-    out["memory_ratio"] = out["apex"]["memory_mb"] / out["fm"]["memory_mb"]
-    out["activation_ratio"] = out["apex"]["activations_mb"] / out["fm"]["activations_mb"]
+    for name in ("apex", "apex_no_anchor"):
+        suffix = "" if name == "apex" else "_no_anchor"
+        out[f"time_ratio{suffix}"] = out[name]["median_step_s"] / out["fm"]["median_step_s"]
+        out[f"memory_ratio{suffix}"] = out[name]["memory_mb"] / out["fm"]["memory_mb"]
+        out[f"activation_ratio{suffix}"] = out[name]["activations_mb"] / out["fm"]["activations_mb"]
     return out
 
 
@@ -146,6 +150,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="per-rank batch size")
     p.add_argument("--objective-steps", type=int, default=60, help="timed steps per objective (apex vs fm)")
     p.add_argument("--workdir", default="./apex-runs")
+    p.add_argument("--objectives-only", action="store_true", help="only part 1 (apex vs fm), no Ray runs")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -171,6 +176,10 @@ def main() -> None:
     print(f"[bench]     apex {costs['apex']['median_step_s'] * 1e3:.1f} ms/step, fm {costs['fm']['median_step_s'] * 1e3:.1f} ms/step: "
           f"{costs['time_ratio']:.2f}x time; memory {costs['apex']['memory_mb']:.1f} vs {costs['fm']['memory_mb']:.1f} MB: "
           f"{costs['memory_ratio']:.2f}x (activations {costs['activation_ratio']:.2f}x)", flush=True)
+    print(f"[bench]     apex without the real anchor (lambda_r=0): {costs['apex_no_anchor']['median_step_s'] * 1e3:.1f} ms/step: "
+          f"{costs['time_ratio_no_anchor']:.2f}x time, {costs['memory_ratio_no_anchor']:.2f}x memory", flush=True)
+    if args.objectives_only:
+        return
 
     print("[bench] 2/3 plain in-process loop vs Ray Train with one worker", flush=True)
     plain = plain_loop(cfg, shapes, cache.uri, args.steps, log_every)
@@ -179,7 +188,7 @@ def main() -> None:
           f"{one['samples_per_s'] / plain['samples_per_s']:.2f}x; Ray start-up {one['startup_s']:.1f} s (plain setup {plain['setup_s']:.1f} s)", flush=True)
 
     print("[bench] 3/3 Ray Train, 2 workers (DDP)", flush=True)
-    two = ray_run(build_config({}, [*common, "run.name=bench-2w", "train.num_workers=2", "train.cpus_per_worker=0.9",
+    two = ray_run(build_config({}, [*common, "run.name=bench-2w", "train.num_workers=2", "train.cpus_per_worker=0.45",
                                     "train.strategy=ddp"]))
     print(f"[bench]     2 workers {two['samples_per_s']:.0f} samples/s vs 1 worker {one['samples_per_s']:.0f}: "
           f"{two['samples_per_s'] / one['samples_per_s']:.2f}x", flush=True)
@@ -195,6 +204,8 @@ def main() -> None:
     with mlflow.start_run(run_name="train"):
         mlflow.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("model.", "train.batch_size", "objective.name"))})
         mlflow.log_metrics({"apex_over_fm_time": costs["time_ratio"], "apex_over_fm_memory": costs["memory_ratio"],
+                            "apex_no_anchor_over_fm_time": costs["time_ratio_no_anchor"],
+                            "apex_no_anchor_over_fm_memory": costs["memory_ratio_no_anchor"],
                             "ray_over_plain": record["ray_over_plain"], "ray_startup_s": one["startup_s"],
                             "two_over_one_workers": record["two_over_one"], "plain_samples_per_s": plain["samples_per_s"],
                             "ray1_samples_per_s": one["samples_per_s"], "ray2_samples_per_s": two["samples_per_s"]})

@@ -126,3 +126,9 @@ def test_parallel_setups_that_are_fine():
         cfg = build_config({}, overrides)
         assert cfg.train.num_workers >= 1
     assert build_config({}, ["train.use_gpu=true"]).train.use_bf16 and not build_config({}).train.use_bf16
+
+
+def test_overrides_never_modify_the_callers_dict():
+    base = {"objective": {"shift": {"a": -1.0}}}
+    build_config(base, ["objective.shift.learnable=true"])
+    assert base == {"objective": {"shift": {"a": -1.0}}}

@@ -42,10 +42,19 @@ def _max_diff(a, b):
 def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache):
     """ddp, fsdp2 and deepspeed ZeRO-2 on the same data, seeds and init take the same steps: their
     final weights agree to float32 round-off (the three reduce the same gradients differently)."""
+    import ray
+
+    from apexdistill.train.driver import ensure_ray
+
+    ensure_ray()
+    # the workers hold all but half a CPU: the in-memory digits cache is read by the driver, so no
+    # Ray Data task is left waiting for a CPU
+    busy = (float(ray.cluster_resources()["CPU"]) - 0.5) / 2
     results = {}
     for strategy in ("ddp", "fsdp2", "deepspeed"):
         results[strategy] = run_training(_cfg(tmp_path, shared_cache, f"run.name={strategy}", f"train.strategy={strategy}",
-                                              "train.steps=4", "train.checkpoint_every=2", "tracking.enabled=false"))
+                                              "train.steps=4", "train.checkpoint_every=2", "tracking.enabled=false",
+                                              f"train.cpus_per_worker={busy}"))
     for strategy, result in results.items():
         assert result.metrics["step"] == 4 and torch.isfinite(torch.tensor(result.metrics["loss"]))
         steps = sorted(p.name for p in (result.run_dir / "checkpoints").glob("step_*"))
@@ -150,3 +159,19 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, shared_cach
     with pytest.raises(TrackingError, match="unreachable"):
         run_training(cfg)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "ray_results").exists()  # nothing started, nothing written
+
+
+def test_workers_that_starve_data_reads_are_refused(tmp_path, shared_cache):
+    """A streamed cache (data.in_memory_max_mb=0) is read by Ray Data tasks of 1 CPU: 2 workers holding
+    all but half a CPU would leave them waiting forever, so the run is refused before it starts."""
+    import ray
+
+    from apexdistill.train.driver import ensure_ray
+
+    ensure_ray()
+    per_worker = (float(ray.cluster_resources()["CPU"]) - 0.5) / 2
+    cfg = _cfg(tmp_path, shared_cache, "run.name=starve", "train.strategy=ddp", f"train.cpus_per_worker={per_worker}",
+               "tracking.enabled=false", "data.in_memory_max_mb=0")
+    with pytest.raises(ValueError, match=r"train.cpus_per_worker=.*leaves 0.5 of the cluster's .* wait forever"):
+        run_training(cfg)
+

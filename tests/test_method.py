@@ -555,3 +555,27 @@ def test_condition_shift_values():
     shift = ConditionShift(build_config({"objective": {"shift": {"a": -0.5, "b": 0.25}}}).objective.shift)
     c = torch.randn(2, 3, 4)
     assert torch.allclose(shift(c), -0.5 * c + 0.25)
+
+
+def test_apex_without_anchor_skips_its_pass():
+    """lambda_r = 0 drops the real-anchor rows: 3n rows through the network instead of 4n, and the
+    generator and fake terms are unchanged (same noise draws)."""
+    rows: list[int] = []
+
+    class Counting(BiasPlusText):
+        def forward(self, x, t, text, text_mask=None, target_t=None):
+            rows.append(x.shape[0])
+            return super().forward(x, t, text, text_mask, target_t)
+
+    torch.manual_seed(0)
+    model, batch = Counting(), make_batch(8)
+    with_anchor = make_objective("apex")
+    without = make_objective("apex", apex={"lambda_r": 0.0})
+    _, m_with, _ = loss_and_grads(with_anchor, model, batch, step=1000)
+    assert sum(rows) == 4 * 8
+    rows.clear()
+    _, m_without, _ = loss_and_grads(without, model, batch, step=1000)
+    assert sum(rows) == 3 * 8
+    assert m_without["loss_real"] == 0.0
+    for key in ("loss_gen", "loss_fake"):
+        assert m_without[key] == pytest.approx(m_with[key], rel=1e-12)

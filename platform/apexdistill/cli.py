@@ -30,6 +30,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path as _Path
+
+    from apexdistill.config import load_config
+    from apexdistill.tune.runner import run_sweep
+    from apexdistill.tune.sweep import load_sweep
+
+    from apexdistill.demo import DEMO_CONFIG
+
+    cfg = load_config(args.config or DEMO_CONFIG, [*args.overrides, *([f"run.workdir={args.workdir}"] if args.workdir else []),
+                                                   *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])])
+    sweep = load_sweep(args.sweep, base=cfg.model_dump(mode="json"))
+    run_sweep(cfg, sweep, sweep_text=_Path(args.sweep).read_text(), address=args.address)
+    return 0
+
+
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from apexdistill.config import load_config
     from apexdistill.data.preprocess import run_preprocess
@@ -115,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLflow tracking URI (default: tracking.uri, MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
     t.set_defaults(fn=_cmd_train)
+
+    w = sub.add_parser("sweep", help="a Ray Tune sweep over config keys; one MLflow parent run, a child run per trial")
+    w.add_argument("-c", "--config", default=None, help="base YAML config (default: the demo's: the shipped digits teacher)")
+    w.add_argument("-s", "--sweep", required=True, help="sweep file (see sweeps/)")
+    w.add_argument("--workdir", default=None, help="overrides run.workdir")
+    w.add_argument("--address", default=None, help="Ray cluster address (default: local, or RAY_ADDRESS)")
+    w.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
+    w.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
+    w.set_defaults(fn=_cmd_sweep)
 
     pp = sub.add_parser("preprocess", help="cache text embeddings and latents with Ray Data (Parquet under data.cache_uri)")
     pp.add_argument("-c", "--config", default=None, help="YAML config (default: the built-in digits, pixel space)")

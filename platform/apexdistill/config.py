@@ -7,6 +7,7 @@ resolved config into dotted keys (for MLflow params), ``dump_yaml`` writes it ne
 
 from __future__ import annotations
 
+import copy
 import difflib
 import typing
 from pathlib import Path
@@ -250,6 +251,9 @@ class EvalConfig(_Section):
     batch_size: int = Field(500, ge=1)
     feature_extractor: str | None = Field(None, description="local TorchScript feature network; default: the digit classifier")
     at_end: bool = Field(True, description="after training on the built-in digits, score the final weights and log them to MLflow")
+    every: int = Field(0, ge=0, description="score 1-NFE quality every N training steps on the built-in digits and report it "
+                                            "(sweeps: ASHA stops poor trials on it); 0 = off")
+    during_samples_per_class: int = Field(20, ge=1, description="images per prompt for the in-training scores")
 
     @model_validator(mode="after")
     def _nfe(self) -> "EvalConfig":
@@ -384,7 +388,7 @@ def _is_string_field(dotted: str) -> bool:
 
 
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
-    tree: dict[str, Any] = dict(data or {})
+    tree: dict[str, Any] = copy.deepcopy(dict(data or {}))  # overrides never leak into the caller's dict
     for text in overrides or []:
         key, value = parse_override(text)
         if value is not None and not isinstance(value, str) and _is_string_field(key):

@@ -537,15 +537,18 @@ def _open_cache(uri: str) -> tuple[Any, str, dict[str, Any]]:
     return fs, folder, manifest
 
 
-def read_cache(uri: str, columns: Sequence[str] | None = TRAIN_COLUMNS) -> "ray.data.Dataset":
+def read_cache(uri: str, columns: Sequence[str] | None = TRAIN_COLUMNS, in_driver: bool = False) -> "ray.data.Dataset":
     """A cache folder (``CacheInfo.uri``) -> a Ray Dataset for ``TorchTrainer(datasets=...)``.
 
     By default only the tensor columns (``TRAIN_COLUMNS``), so ``iter_torch_batches`` works as is;
-    ``columns=None`` keeps ``caption`` and ``row_id`` too."""
+    ``columns=None`` keeps ``caption`` and ``row_id`` too. ``in_driver=True`` (small caches) reads the
+    files here and hands Ray the blocks: no read task needs a CPU, so training workers and sweep
+    trials that hold most CPUs of a small machine cannot starve it (Ray Data's file-listing and read
+    tasks take a whole CPU each, whatever ``ray_remote_args`` say)."""
     fs, folder, manifest = _open_cache(uri)
     paths = [posixpath.join(folder, f["path"]) for f in manifest["files"]]
     cols = list(columns) if columns is not None else None
-    if worker_visible(fs):
+    if worker_visible(fs) and not in_driver:
         ds = ray.data.read_parquet(paths, filesystem=arrow_fs(fs))
         return ds.select_columns(cols) if cols else ds
     import pyarrow.parquet as pq

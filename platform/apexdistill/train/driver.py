@@ -68,6 +68,22 @@ def ensure_ray(address: str | None = None) -> None:
     )
 
 
+def check_cpu_headroom(cfg: Config) -> None:
+    """A streamed cache is read by Ray Data tasks that take a whole CPU each: workers that hold more
+    than the rest of the cluster's CPUs leave them unscheduled and the run waits forever."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0))
+    used = cfg.train.num_workers * cfg.train.cpus_per_worker
+    if cfg.train.num_workers and total - used < 1.0:
+        raise ValueError(
+            f"train.num_workers={cfg.train.num_workers} x train.cpus_per_worker={cfg.train.cpus_per_worker} = {used:g} CPUs "
+            f"leaves {total - used:g} of the cluster's {total:g} CPUs for Ray Data's read tasks, which need 1: the run "
+            f"would wait forever. Lower train.cpus_per_worker (e.g. {max(0.05, (total - 1) / cfg.train.num_workers):.2g}), "
+            f"raise data.in_memory_max_mb so the cache is read once by the driver, or add CPUs"
+        )
+
+
 def sample_prompts(cfg: Config, cache_uri: str, limit: int = 8) -> dict[str, list] | None:
     """Text states of the fixed prompts for the MLflow sample grids: the ten digits, or the first
     distinct captions of the cache."""
@@ -118,11 +134,13 @@ def log_eval_rows(logger: Any, rows: list[Any], floor_fd: float | None = None, p
     logger.log_dict({"rows": [r.as_dict() for r in rows], "floor_fd": floor_fd}, f"{prefix}/results.json")
 
 
-def run_training(cfg: Config, address: str | None = None, evaluate: bool | None = None, parent_run_id: str | None = None) -> TrainResult:
+def run_training(cfg: Config, address: str | None = None, evaluate: bool | None = None, parent_run_id: str | None = None,
+                 train_callbacks: list[Any] | None = None, run_tags: dict[str, str] | None = None) -> TrainResult:
     """Preprocess (a cache hit costs milliseconds), open the MLflow run, fit, evaluate, close the run.
 
     ``evaluate``: score the final weights on the built-in digits (default: when the data is the digits
-    and ``eval.at_end`` is set)."""
+    and ``eval.at_end`` is set). ``parent_run_id`` makes the MLflow run a child (sweep trials);
+    ``train_callbacks`` go to ``RunConfig(callbacks=...)`` (Tune's report callback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -143,13 +161,22 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     cache = run_preprocess(cfg)
     shapes = DataShapes.from_manifest(cache.manifest, cache.uri)
     shapes.save(out)
+    # a cache that the workers hold in memory anyway is read here once: no Ray Data task needs a CPU
+    in_driver = shapes.rows * row_bytes(cache.manifest) <= cfg.data.in_memory_max_mb * 2**20
+    if not in_driver:
+        check_cpu_headroom(cfg)
     if cfg.tracking.enabled:
-        handle = open_run(cfg, out, tags={"apexdistill.cache_key": cache.key},
+        handle = open_run(cfg, out, tags={"apexdistill.cache_key": cache.key, **(run_tags or {})},
                           parent_run_id=parent_run_id)
         verb = "resuming" if handle.resumed else "logging to"
         print(f"[train] MLflow: {verb} run {handle.run_id} in experiment '{cfg.tracking.experiment}' ({handle.uri})", flush=True)
     logger = RunLogger.from_handle(handle)
 
+    if cfg.eval.every and cfg.data.source == "digits":  # train the evaluator's classifier once, here, not in every worker
+        from apexdistill.eval.metrics import build_evaluator
+
+        build_evaluator(Path(cfg.run.workdir) / "eval", cfg.data.resolution, cfg.data.test_fraction, cfg.data.split_seed,
+                        cfg.eval.feature_extractor)
     workers = cfg.train.num_workers
     resources: dict[str, float] | None = None
     if workers > 0:
@@ -162,15 +189,16 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
         train_loop_config={
             "config": cfg.model_dump(mode="json"), "run_dir": str(out), "shapes": shapes.__dict__,
             "row_bytes": row_bytes(cache.manifest), "tracking": handle.as_dict() if handle else None,
-            "sample_prompts": sample_prompts(cfg, cache.uri) if handle else None,
+            "sample_prompts": sample_prompts(cfg, cache.uri) if handle or cfg.eval.every else None,
         },
-        datasets={"train": read_cache(cache.uri)},
+        datasets={"train": read_cache(cache.uri, in_driver=in_driver)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu and workers > 0, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=str(ray_storage(cfg)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=train_callbacks or None,
         ),
     )
     started = time.time()

@@ -263,6 +263,43 @@ def _quiet_report_lines() -> None:
         pass
 
 
+class InTrainingEval:
+    """``eval.every``: 1-NFE prompt accuracy and FD proxy on the built-in digits during training, reported
+    with the step's metrics (what ASHA stops trials on). EMA weights for ``none``/``ddp``; the live
+    sharded weights for ``fsdp2``/``deepspeed`` (every rank runs the sampler, rank 0's scores count)."""
+
+    def __init__(self, cfg: Config, loop_config: dict[str, Any], device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        prompts = loop_config.get("sample_prompts")
+        self.enabled = bool(cfg.eval.every) and cfg.data.source == "digits" and not cfg.vae.path and bool(prompts)
+        if not self.enabled:
+            return
+        from apexdistill.eval.runner import DigitsBench
+
+        eval_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"samples_per_class": cfg.eval.during_samples_per_class})})
+        self.bench = DigitsBench(eval_cfg, torch.tensor(prompts["text"]), torch.tensor(prompts["mask"]))
+
+    def due(self, step: int) -> bool:
+        return self.enabled and step % self.cfg.eval.every == 0
+
+    @torch.no_grad()
+    def __call__(self, strategy: Strategy) -> dict[str, float]:
+        import copy
+
+        model = strategy.backbone
+        if strategy.ema is not None and strategy.name in ("none", "ddp"):
+            model = strategy.ema.copy_to(copy.deepcopy(strategy.backbone))
+        was_training = model.training
+        rng = torch.get_rng_state()  # scoring must not shift the training noise
+        (row,) = self.bench.score("train", model.eval(), [1], "few_step")
+        torch.set_rng_state(rng)
+        model.train(was_training)
+        out = {"eval/fd_1nfe": row.fd}
+        if row.accuracy is not None:
+            out["eval/accuracy_1nfe"] = row.accuracy
+        return out
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["config"])
     _quiet_report_lines()
@@ -288,6 +325,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = RunLogger.from_handle(loop_config.get("tracking")) if rank == 0 else None
     sampler = SampleLogger(cfg, loop_config, device, logger, shapes.channels, shapes.resolution)
+    scorer = InTrainingEval(cfg, loop_config, device)
 
     step, trained_seconds = 0, 0.0
     resume = find_resume_checkpoint(run_dir)
@@ -342,7 +380,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         last = step >= cfg.train.steps or _should_stop(cfg, started, trained_seconds)
         periodic = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0 and not last
-        logged = step % cfg.train.log_every == 0 or last
+        scored = scorer.due(step) and not last
+        logged = step % cfg.train.log_every == 0 or last or scored
+        if scored:
+            metrics.update(scorer(strategy))
         if logged:
             elapsed = time.time() - window_start
             metrics.update(step=step, lr=strategy.lr, step_time_s=elapsed / max(window_steps, 1),

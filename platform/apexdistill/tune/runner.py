@@ -1,0 +1,223 @@
+"""`apexdistill sweep`: Ray Tune over config keys, one MLflow parent run with a child run per trial.
+
+Each trial is a small Tune function (the "driver", RAY_NOTES.md's Train V2 pattern) that builds the
+trial's config and calls ``run_training``, which fits a ``TorchTrainer`` whose ``TuneReportCallback``
+forwards the workers' reports (the in-training scores of ``eval_every``) to Tune, so ASHA can stop
+poor trials. The trial's MLflow run is a child of the sweep's parent run (``mlflow.parentRunId``).
+Run names are stable (``<sweep>-<trial id>``), so an interrupted sweep resumed with the same command
+(``Tuner.restore``) re-opens unfinished trials where their checkpoints left them and never re-runs
+finished ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from apexdistill.config import Config, build_config, dump_yaml
+from apexdistill.tune.sweep import SweepConfig
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    params: dict[str, Any]
+    metric: float | None
+    accuracy: float | None
+    steps: int | None
+    status: str
+    run_id: str | None
+
+
+def _search_space(sweep: SweepConfig) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for key, spec in sweep.space.items():
+        kind, values = next(iter(spec.items()))
+        space[key] = {
+            "grid": lambda v: tune.grid_search(v),
+            "choice": lambda v: tune.choice(v),
+            "uniform": lambda v: tune.uniform(v[0], v[1]),
+            "loguniform": lambda v: tune.loguniform(v[0], v[1]),
+            "int": lambda v: tune.randint(int(v[0]), int(v[1]) + 1),
+        }[kind](values)
+    return space
+
+
+def sweep_dir(cfg: Config, sweep: SweepConfig) -> Path:
+    return Path(cfg.run.workdir).resolve() / "sweeps" / sweep.name
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], sweep_data: dict[str, Any], parent: dict[str, str] | None) -> None:
+    """One trial: build its config, fit its TorchTrainer (metrics stream to Tune), report the final scores."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from apexdistill.train.driver import run_training
+
+    sweep = SweepConfig.model_validate(sweep_data)
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = build_config(base, [*sweep.trial_overrides(params), f"run.name={sweep.name}-{trial_id}"])
+    result = run_training(cfg, evaluate=True, parent_run_id=parent["run_id"] if parent else None,
+                          train_callbacks=[TuneReportCallback()], run_tags={"apexdistill.sweep": sweep.name,
+                                                                            "apexdistill.trial_id": trial_id})
+    final: dict[str, Any] = {"step": int(result.metrics.get("step", 0)), "final": 1}
+    for row in result.eval_rows:
+        final[f"eval/fd_{row.nfe}nfe"] = row.fd
+        if row.accuracy is not None:
+            final[f"eval/accuracy_{row.nfe}nfe"] = row.accuracy
+    if result.mlflow_run_id:
+        final["mlflow_run_id"] = result.mlflow_run_id
+    ray.tune.report(final)
+
+
+def _open_parent(cfg: Config, sweep: SweepConfig, folder: Path, sweep_text: str) -> dict[str, str] | None:
+    """The sweep's MLflow parent run, created once and reused when the sweep resumes."""
+    if not cfg.tracking.enabled:
+        return None
+    from mlflow import MlflowClient
+
+    from apexdistill.tracking import check_reachable, get_or_create_experiment, git_commit, resolve_uri
+
+    uri = resolve_uri(cfg)
+    check_reachable(uri)
+    record = folder / "parent_run.json"
+    client = MlflowClient(uri)
+    if record.is_file():
+        data = json.loads(record.read_text())
+        if data.get("uri") == uri:
+            client.update_run(data["run_id"], status="RUNNING")
+            return data
+    experiment_id = get_or_create_experiment(client, cfg, uri)
+    run = client.create_run(experiment_id, run_name=sweep.name, tags={
+        "apexdistill.sweep": sweep.name, "apexdistill.kind": "sweep", "mlflow.source.git.commit": git_commit(),
+        "apexdistill.metric": sweep.metric, "apexdistill.mode": sweep.mode})
+    run_id = run.info.run_id
+    for key, spec in sweep.space.items():
+        client.log_param(run_id, f"space.{key}", json.dumps(spec))
+    for key in ("metric", "mode", "search", "num_samples", "max_concurrent", "eval_every"):
+        client.log_param(run_id, f"sweep.{key}", getattr(sweep, key))
+    client.log_param(run_id, "sweep.budget_steps", sweep.budget.steps)
+    client.log_text(run_id, sweep_text, "sweep.yaml")
+    client.log_text(run_id, dump_yaml(cfg), "base_config.yaml")
+    data = {"uri": uri, "run_id": run_id, "experiment_id": experiment_id}
+    record.write_text(json.dumps(data))
+    return data
+
+
+def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: str | None = None) -> list[TrialRow]:
+    """Run (or resume) the sweep; returns one row per trial, best first."""
+    from ray import tune
+
+    from apexdistill.data.preprocess import run_preprocess
+    from apexdistill.train.driver import ensure_ray
+
+    folder = sweep_dir(cfg, sweep)
+    folder.mkdir(parents=True, exist_ok=True)
+    parent = _open_parent(cfg, sweep, folder, sweep_text)
+    ensure_ray(address)
+    run_preprocess(cfg)  # every trial then hits the cache
+    if cfg.data.source == "digits":  # the evaluator's classifier, trained once here rather than in every trial
+        from apexdistill.eval.metrics import build_evaluator
+
+        build_evaluator(Path(cfg.run.workdir) / "eval", cfg.data.resolution, cfg.data.test_fraction, cfg.data.split_seed,
+                        cfg.eval.feature_extractor)
+
+    # progress reports carry the sweep metric only at eval steps (ASHA skips the others): not an error
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), sweep_data=sweep.model_dump(mode="json"), parent=parent),
+        {"CPU": sweep.resources.driver_cpus},
+    )
+    storage = Path(cfg.run.workdir).resolve() / "tune"
+    path = storage / sweep.name
+    space = _search_space(sweep)
+    if tune.Tuner.can_restore(str(path)):
+        print(f"[sweep] resuming {sweep.name} from {path} (finished trials are not run again)", flush=True)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True, param_space=space)
+    else:
+        search_alg = None
+        if sweep.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=cfg.run.seed)
+        scheduler = None
+        if sweep.scheduler is not None:
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="step", max_t=sweep.budget.steps, grace_period=sweep.scheduler.grace_period,
+                                      reduction_factor=sweep.scheduler.reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
+                                        num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1),
+        )
+    results = tuner.fit()
+    rows = collect_rows(results, sweep, list(sweep.space))
+    finished = [r for r in rows if r.metric is not None]
+    if parent is not None:
+        _close_parent(parent, sweep, finished)
+    (folder / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
+    print(format_results(rows, sweep), flush=True)
+    if parent is not None:
+        print(f"[sweep] MLflow: parent run {parent['run_id']} ({parent['uri']}); children: "
+              f"tags.mlflow.parentRunId = '{parent['run_id']}'", flush=True)
+    return rows
+
+
+def collect_rows(results: Any, sweep: SweepConfig, keys: list[str]) -> list[TrialRow]:
+    rows = []
+    for r in results:
+        metrics = r.metrics or {}
+        value = metrics.get(sweep.metric)
+        acc = metrics.get("eval/accuracy_1nfe")
+        final = bool(metrics.get("final"))
+        status = "error" if r.error else ("finished" if final else "stopped early")
+        rows.append(TrialRow(
+            trial_id=str(metrics.get("trial_id", getattr(r, "path", "?")).rsplit("/", 1)[-1]),
+            params={k: (r.config or {}).get(k) for k in keys},
+            metric=float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None,
+            accuracy=float(acc) if isinstance(acc, (int, float)) else None,
+            steps=int(metrics["step"]) if "step" in metrics else None,
+            status=status, run_id=metrics.get("mlflow_run_id"),
+        ))
+    sign = 1 if sweep.mode == "min" else -1
+    rows.sort(key=lambda r: (r.metric is None, sign * (r.metric or 0.0)))
+    return rows
+
+
+def _close_parent(parent: dict[str, str], sweep: SweepConfig, finished: list[TrialRow]) -> None:
+    from apexdistill.tracking import RunLogger
+
+    logger = RunLogger(parent["uri"], parent["run_id"])
+    if finished:
+        best = finished[0]
+        logger.set_tags({"apexdistill.best_trial": best.trial_id, "apexdistill.best_run_id": best.run_id or "",
+                         "apexdistill.best_params": json.dumps(best.params)})
+        logger.log_metrics({f"best/{sweep.metric}": best.metric, "trials_finished": len(finished)})
+    # trials that ASHA stopped (or that were killed) never closed their child runs
+    for run in logger.client.search_runs([parent["experiment_id"]], f"tags.mlflow.parentRunId = '{parent['run_id']}' "
+                                         f"and attributes.status = 'RUNNING'"):
+        logger.client.set_terminated(run.info.run_id, "KILLED")
+    logger.client.set_terminated(parent["run_id"], "FINISHED")
+
+
+def format_results(rows: list[TrialRow], sweep: SweepConfig) -> str:
+    keys = list(sweep.space)
+    head = ["trial"] + keys + [sweep.metric, "accuracy", "steps", "status"]
+    table = [head]
+    for r in rows:
+        table.append([r.trial_id] + [str(r.params.get(k)) for k in keys]
+                     + ["-" if r.metric is None else f"{r.metric:.2f}", "-" if r.accuracy is None else f"{100 * r.accuracy:.1f}%",
+                        "-" if r.steps is None else str(r.steps), r.status])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""Sweeps on real local Ray Tune and a real SQLite MLflow store: parent and child runs, ASHA stopping
+a bad trial, resuming an interrupted sweep, and sweep files refused with clear messages."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from apexdistill.config import ConfigError, build_config
+from apexdistill.tune.runner import run_sweep
+from apexdistill.tune.sweep import SweepConfig, load_sweep
+
+pytestmark = pytest.mark.timeout(600)
+ROOT = Path(__file__).resolve().parents[1]
+
+# fm from a random init (fast, and a bad learning rate is really bad), tiny evaluation
+BASE = ["objective.name=fm", "train.batch_size=16", "train.log_every=5", "train.checkpoint_every=0",
+        "eval.samples_per_class=5", "eval.during_samples_per_class=5", "eval.nfe=[1]", "tracking.experiment=sweeps-test"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One work directory for the module: the cache, the evaluator's classifier and the MLflow store
+    are built once; every sweep has its own name, parent run and trials."""
+    return tmp_path_factory.mktemp("sweeps")
+
+
+def _base(workdir, *extra):
+    return build_config({}, [f"run.workdir={workdir}", *BASE, *extra])
+
+
+def _write(tmp_path, name, data) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _children(cfg, parent_id):
+    client = MlflowClient(f"sqlite:///{Path(cfg.run.workdir).resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sweeps-test")
+    return client, client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def _parent_id(cfg, name):
+    import json
+
+    return json.loads((Path(cfg.run.workdir).resolve() / "sweeps" / name / "parent_run.json").read_text())["run_id"]
+
+
+def test_grid_sweep_parent_and_children_in_mlflow(tmp_path, workdir):
+    cfg = _base(workdir)
+    path = _write(tmp_path, "lrs", {"name": "lrs", "budget": {"steps": 6}, "space": {"train.lr": {"grid": [1e-4, 1e-3, 3e-3]}},
+                                     "max_concurrent": 2, "resources": {"workers": 1, "cpus_per_worker": 0.45}})
+    sweep = load_sweep(path, cfg.model_dump(mode="json"))
+    rows = run_sweep(cfg, sweep, path.read_text())
+    assert len(rows) == 3 and all(r.status == "finished" and r.metric is not None for r in rows)
+    assert [r.metric for r in rows] == sorted(r.metric for r in rows)  # best first
+
+    parent_id = _parent_id(cfg, "lrs")
+    client, children = _children(cfg, parent_id)
+    assert len(children) == 3
+    assert sorted(float(c.data.params["train.lr"]) for c in children) == [1e-4, 1e-3, 3e-3]  # the trial params
+    assert all(c.data.params["train.steps"] == "6" and c.info.status == "FINISHED" for c in children)
+    assert all("eval/fd_1nfe" in c.data.metrics for c in children)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["apexdistill.kind"] == "sweep"
+    best = parent.data.tags["apexdistill.best_run_id"]
+    assert best == rows[0].run_id and best in {c.info.run_id for c in children}
+    assert parent.data.metrics["best/eval/fd_1nfe"] == pytest.approx(rows[0].metric)
+
+
+def test_asha_stops_a_bad_trial_early(tmp_path, workdir):
+    """From the shipped teacher, a learning rate of 0.05 wrecks the model by the first score (4 steps)
+    while 1e-4 keeps it near the teacher; ASHA (grace 4 steps, the bad trial second) stops it."""
+    cfg = _base(workdir, "model.path=builtin:teacher")
+    path = _write(tmp_path, "asha", {
+        "name": "asha", "budget": {"steps": 12}, "eval_every": 4,
+        "space": {"train.lr": {"grid": [1e-4, 0.05, 2e-4]}}, "scheduler": {"grace_period": 4, "reduction_factor": 2},
+        "max_concurrent": 1, "resources": {"workers": 1, "cpus_per_worker": 0.45}})
+    rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
+    stopped = [r for r in rows if r.status == "stopped early"]
+    assert stopped, [(r.params, r.status, r.steps) for r in rows]
+    assert all(r.steps < 12 for r in stopped)
+    assert any(r.params["train.lr"] == 0.05 for r in stopped)
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, workdir):
+    cfg_path = tmp_path / "base.yaml"
+    cfg = _base(workdir)
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    sweep = _write(tmp_path, "resume", {"name": "resume", "budget": {"steps": 20}, "space": {"train.lr": {"grid": [1e-4, 2e-4, 3e-4]}},
+                                         "max_concurrent": 1, "resources": {"workers": 1, "cpus_per_worker": 0.45}})
+    cmd = [sys.executable, "-m", "apexdistill.cli", "sweep", "-c", str(cfg_path), "-s", str(sweep)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    finished: list = []
+    while time.time() < deadline and not finished:  # wait until the first trial has finished
+        time.sleep(2)
+        try:
+            _, children = _children(cfg, _parent_id(cfg, "resume"))
+        except Exception:  # noqa: BLE001 - the store or the parent record does not exist yet
+            continue
+        finished = [c for c in children if c.info.status == "FINISHED"]
+    assert finished, "no trial finished in time"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
+    proc.communicate(timeout=120)
+
+    first = {c.info.run_id: c.info.start_time for c in finished}
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming resume" in out.stdout
+    _, children = _children(cfg, _parent_id(cfg, "resume"))
+    assert sorted(float(c.data.params["train.lr"]) for c in children) == [1e-4, 2e-4, 3e-4]  # one child per trial
+    assert all(c.info.status == "FINISHED" for c in children)
+    client = MlflowClient(f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}")
+    for c in children:  # the trial finished before the interruption was not run again
+        if c.info.run_id in first:
+            assert c.info.start_time == first[c.info.run_id]
+            steps = [m.step for m in client.get_metric_history(c.info.run_id, "step")]
+            assert len(steps) == len(set(steps))  # no step logged twice: it did not train again
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"name": "x", "space": {"train.lr": {"grid": [1e-3]}}, "metrc": "x"}, r"unknown key 'metrc'; did you mean 'metric'"),
+        ({"name": "x", "space": {}}, r"search space is empty"),
+        ({"name": "x", "space": {"train.lrr": {"grid": [1e-3]}}}, r"'train.lrr' is not a config key; did you mean 'train.lr'"),
+        ({"name": "x", "space": {"train.lr": {"normal": [0, 1]}}}, r"expected one of \{grid, choice, uniform, loguniform, int"),
+        ({"name": "x", "space": {"train.lr": {"uniform": [1, 0]}}, "search": "random"}, r"low < high"),
+        ({"name": "x", "space": {"train.lr": {"uniform": [0, 1]}}}, r"search='grid' enumerates values"),
+        ({"name": "x", "space": {"train.lr": {"grid": [1e-3]}}, "scheduler": {"grace_period": 10}}, r"set eval_every"),
+        ({"name": "x", "space": {"objective.shift.a,objective.shift.b": {"grid": [[1.0]]}}}, r"must list 2 values"),
+        ({"name": "x", "space": {"train.steps": {"grid": [0]}}}, r"a trial config is invalid(.|\n)*train.steps"),
+    ],
+)
+def test_bad_sweep_files_are_refused_with_the_key(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(_write(tmp_path, "bad", data), {})
+
+
+def test_shipped_sweeps_validate_against_the_demo_config():
+    from apexdistill.config import load_config
+    from apexdistill.demo import DEMO_CONFIG
+
+    base = load_config(DEMO_CONFIG).model_dump(mode="json")
+    files = sorted((ROOT / "sweeps").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"shift_grid", "loss_weights", "variants", "lam_detach", "learnable_shift"}
+    sizes = {f.stem: len(load_sweep(f, base).corners()) for f in files}
+    assert sizes["shift_grid"] == 12 and sizes["loss_weights"] == 5
+    assert isinstance(SweepConfig.model_validate(yaml.safe_load((ROOT / "sweeps" / "shift_grid.yaml").read_text())), SweepConfig)
