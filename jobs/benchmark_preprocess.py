@@ -128,7 +128,6 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="more config overrides, e.g. data.batch_size=128")
     args = p.parse_args()
 
-    import mlflow
     import ray
     import torch
 
@@ -188,17 +187,14 @@ def main() -> None:
         f"Ray Data {result['ray_rows_per_s']:.0f} rows/s (median {ray_s:.2f} s) -> {result['speedup']:.2f}x (target >= 1.3x)"
     )
     print(f"[bench] cache hit {hit_s * 1000:.0f} ms vs cold {ray_s:.2f} s -> {100 * result['hit_over_cold']:.2f}% of cold (target < 10%)")
-    bench.mkdir(parents=True, exist_ok=True)
-    (bench / "preprocess.json").write_text(json.dumps(result, indent=2))
+    from apexdistill.tracking import record_benchmark
 
-    mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow.db")
-    mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name="preprocess"):
-        mlflow.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("data.", "text_encoder.", "vae."))})
-        mlflow.log_params({"bench.rows": rows, "bench.image_size": args.image_size, "bench.repeats": args.repeats, "bench.cpus": result["cpus"]})
-        mlflow.log_metrics({k: float(result[k]) for k in ("loop_seconds", "ray_seconds", "hit_seconds", "loop_rows_per_s", "ray_rows_per_s", "speedup", "hit_over_cold")})
-        mlflow.log_dict(result, "preprocess.json")
-    print(f"[bench] wrote {bench / 'preprocess.json'}; MLflow experiment 'benchmarks' in {workdir / 'mlflow.db'}")
+    record_benchmark(
+        workdir, "preprocess", result,
+        params={**{k: v for k, v in flatten(cfg).items() if k.startswith(("data.", "text_encoder.", "vae."))},
+                "bench.rows": rows, "bench.image_size": args.image_size, "bench.repeats": args.repeats, "bench.cpus": result["cpus"]},
+        metrics={k: result[k] for k in ("loop_seconds", "ray_seconds", "hit_seconds", "loop_rows_per_s", "ray_rows_per_s", "speedup", "hit_over_cold")},
+    )
 
 
 if __name__ == "__main__":

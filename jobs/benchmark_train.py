@@ -19,10 +19,8 @@ Writes ``<workdir>/benchmarks/train.json`` and logs a run to the MLflow experime
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -154,11 +152,10 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
-    import mlflow
-
     from apexdistill.config import build_config, flatten
     from apexdistill.data.preprocess import run_preprocess
     from apexdistill.train.data import DataShapes
+    from apexdistill.tracking import record_benchmark
     from apexdistill.train.driver import ensure_ray
 
     torch.set_num_threads(1)  # one thread everywhere: a Ray worker with one CPU gets one thread
@@ -196,22 +193,16 @@ def main() -> None:
     record = {"objectives": costs, "plain": plain, "ray_1_worker": one, "ray_2_workers": two,
               "ray_over_plain": one["samples_per_s"] / plain["samples_per_s"],
               "two_over_one": two["samples_per_s"] / one["samples_per_s"], "batch_per_rank": args.batch, "steps": args.steps}
-    out = Path(args.workdir) / "benchmarks"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(record, indent=2))
-    mlflow.set_tracking_uri(f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}")
-    mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name="train"):
-        mlflow.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("model.", "train.batch_size", "objective.name"))})
-        mlflow.log_metrics({"apex_over_fm_time": costs["time_ratio"], "apex_over_fm_memory": costs["memory_ratio"],
-                            "apex_no_anchor_over_fm_time": costs["time_ratio_no_anchor"],
-                            "apex_no_anchor_over_fm_memory": costs["memory_ratio_no_anchor"],
-                            "ray_over_plain": record["ray_over_plain"], "ray_startup_s": one["startup_s"],
-                            "two_over_one_workers": record["two_over_one"], "plain_samples_per_s": plain["samples_per_s"],
-                            "ray1_samples_per_s": one["samples_per_s"], "ray2_samples_per_s": two["samples_per_s"]})
-        mlflow.log_dict(record, "train.json")
-    print(f"[bench] wrote {out / 'train.json'}; MLflow experiment 'benchmarks' in {Path(args.workdir) / 'mlflow.db'}")
-
+    record_benchmark(
+        args.workdir, "train", record,
+        params={k: v for k, v in flatten(cfg).items() if k.startswith(("model.", "train.batch_size", "objective.name"))},
+        metrics={"apex_over_fm_time": costs["time_ratio"], "apex_over_fm_memory": costs["memory_ratio"],
+                 "apex_no_anchor_over_fm_time": costs["time_ratio_no_anchor"],
+                 "apex_no_anchor_over_fm_memory": costs["memory_ratio_no_anchor"],
+                 "ray_over_plain": record["ray_over_plain"], "ray_startup_s": one["startup_s"],
+                 "two_over_one_workers": record["two_over_one"], "plain_samples_per_s": plain["samples_per_s"],
+                 "ray1_samples_per_s": one["samples_per_s"], "ray2_samples_per_s": two["samples_per_s"]},
+    )
 
 if __name__ == "__main__":
     main()

@@ -58,7 +58,7 @@ def _parent_id(cfg, name):
 def test_grid_sweep_parent_and_children_in_mlflow(tmp_path, workdir):
     cfg = _base(workdir)
     path = _write(tmp_path, "lrs", {"name": "lrs", "budget": {"steps": 6}, "space": {"train.lr": {"grid": [1e-4, 1e-3, 3e-3]}},
-                                     "max_concurrent": 2, "resources": {"workers": 1, "cpus_per_worker": 0.45}})
+                                     "max_concurrent": 3, "resources": {"workers": 1, "cpus_per_worker": 0.45}})
     sweep = load_sweep(path, cfg.model_dump(mode="json"))
     rows = run_sweep(cfg, sweep, path.read_text())
     assert len(rows) == 3 and all(r.status == "finished" and r.metric is not None for r in rows)
@@ -79,11 +79,11 @@ def test_grid_sweep_parent_and_children_in_mlflow(tmp_path, workdir):
 
 def test_asha_stops_a_bad_trial_early(tmp_path, workdir):
     """From the shipped teacher, a learning rate of 0.05 wrecks the model by the first score (4 steps)
-    while 1e-4 keeps it near the teacher; ASHA (grace 4 steps, the bad trial second) stops it."""
+    while 1e-4 keeps it near the teacher; ASHA (grace 4 steps, the bad trial second) stops it there."""
     cfg = _base(workdir, "model.path=builtin:teacher")
     path = _write(tmp_path, "asha", {
         "name": "asha", "budget": {"steps": 12}, "eval_every": 4,
-        "space": {"train.lr": {"grid": [1e-4, 0.05, 2e-4]}}, "scheduler": {"grace_period": 4, "reduction_factor": 2},
+        "space": {"train.lr": {"grid": [1e-4, 0.05]}}, "scheduler": {"grace_period": 4, "reduction_factor": 2},
         "max_concurrent": 1, "resources": {"workers": 1, "cpus_per_worker": 0.45}})
     rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
     stopped = [r for r in rows if r.status == "stopped early"]
@@ -96,7 +96,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     cfg_path = tmp_path / "base.yaml"
     cfg = _base(workdir)
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    sweep = _write(tmp_path, "resume", {"name": "resume", "budget": {"steps": 20}, "space": {"train.lr": {"grid": [1e-4, 2e-4, 3e-4]}},
+    sweep = _write(tmp_path, "resume", {"name": "resume", "budget": {"steps": 20}, "space": {"train.lr": {"grid": [1e-4, 2e-4]}},
                                          "max_concurrent": 1, "resources": {"workers": 1, "cpus_per_worker": 0.45}})
     cmd = [sys.executable, "-m", "apexdistill.cli", "sweep", "-c", str(cfg_path), "-s", str(sweep)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -120,7 +120,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming resume" in out.stdout
     _, children = _children(cfg, _parent_id(cfg, "resume"))
-    assert sorted(float(c.data.params["train.lr"]) for c in children) == [1e-4, 2e-4, 3e-4]  # one child per trial
+    assert sorted(float(c.data.params["train.lr"]) for c in children) == [1e-4, 2e-4]  # one child per trial
     assert all(c.info.status == "FINISHED" for c in children)
     client = MlflowClient(f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}")
     for c in children:  # the trial finished before the interruption was not run again
@@ -159,3 +159,27 @@ def test_shipped_sweeps_validate_against_the_demo_config():
     sizes = {f.stem: len(load_sweep(f, base).corners()) for f in files}
     assert sizes["shift_grid"] == 12 and sizes["loss_weights"] == 5
     assert isinstance(SweepConfig.model_validate(yaml.safe_load((ROOT / "sweeps" / "shift_grid.yaml").read_text())), SweepConfig)
+
+
+def test_random_and_optuna_spaces_sample_inside_their_bounds(tmp_path):
+    """The space conversion feeds Tune's samplers and Optuna's (suggestions checked, no trials run)."""
+    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.variant_generator import generate_variants
+
+    from apexdistill.tune.runner import _search_space
+
+    space = {"train.lr": {"loguniform": [1e-5, 1e-3]}, "objective.shift.a": {"uniform": [-1.0, 0.5]},
+             "train.batch_size": {"int": [8, 16]}, "objective.name": {"choice": ["apex", "fm"]}}
+    for search in ("random", "optuna"):
+        sweep = load_sweep(_write(tmp_path, search, {"name": search, "space": space, "search": search, "num_samples": 4}), {})
+        converted = _search_space(sweep)
+        if search == "random":
+            points = [cfg for _, cfg in generate_variants(converted)]
+        else:
+            optuna = OptunaSearch(seed=0)
+            assert optuna.set_search_properties(sweep.metric, sweep.mode, converted)
+            points = [optuna.suggest(f"t{i}") for i in range(4)]
+        for p in points:
+            assert 1e-5 <= p["train.lr"] <= 1e-3 and -1.0 <= p["objective.shift.a"] <= 0.5
+            assert 8 <= p["train.batch_size"] <= 16 and p["objective.name"] in ("apex", "fm")
+            build_config({}, sweep.trial_overrides(p))  # every sampled point is a valid trial config

@@ -216,3 +216,25 @@ class RunLogger:
             return None
         data = handle.as_dict() if isinstance(handle, RunHandle) else handle
         return cls(data["uri"], data["run_id"])
+
+
+def record_benchmark(workdir: str | Path, name: str, record: dict[str, Any], params: dict[str, Any],
+                     metrics: dict[str, float]) -> Path:
+    """A benchmark's results: ``<workdir>/benchmarks/<name>.json`` and one run in the MLflow experiment
+    ``benchmarks`` of the work directory's SQLite store (params, metrics and the JSON as an artifact)."""
+    import mlflow
+
+    workdir = Path(workdir).resolve()
+    out = workdir / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2, default=str))
+    _quiet_store_logs()
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    mlflow.set_experiment("benchmarks")
+    with mlflow.start_run(run_name=name):
+        mlflow.log_params(params)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.log_dict(record, f"{name}.json")
+    print(f"[bench] wrote {path}; MLflow experiment 'benchmarks' in {workdir / 'mlflow.db'}")
+    return path
