@@ -57,7 +57,9 @@ def _parent_id(cfg, name):
 
 def test_grid_sweep_parent_and_children_in_mlflow(tmp_path, workdir):
     cfg = _base(workdir)
-    path = _write(tmp_path, "lrs", {"name": "lrs", "budget": {"steps": 6}, "space": {"train.lr": {"grid": [1e-4, 1e-3, 3e-3]}},
+    # a joint key (two config keys set together) with one point, so the product is still 3 trials
+    path = _write(tmp_path, "lrs", {"name": "lrs", "budget": {"steps": 6}, "space": {
+        "train.lr": {"grid": [1e-4, 1e-3, 3e-3]}, "train.warmup_steps,train.grad_clip": {"grid": [[2, 0.5]]}},
                                      "max_concurrent": 3, "resources": {"workers": 1, "cpus_per_worker": 0.45}})
     sweep = load_sweep(path, cfg.model_dump(mode="json"))
     rows = run_sweep(cfg, sweep, path.read_text())
@@ -69,9 +71,11 @@ def test_grid_sweep_parent_and_children_in_mlflow(tmp_path, workdir):
     assert len(children) == 3
     assert sorted(float(c.data.params["train.lr"]) for c in children) == [1e-4, 1e-3, 3e-3]  # the trial params
     assert all(c.data.params["train.steps"] == "6" and c.info.status == "FINISHED" for c in children)
+    assert all(c.data.params["train.warmup_steps"] == "2" and c.data.params["train.grad_clip"] == "0.5" for c in children)
     assert all("eval/fd_1nfe" in c.data.metrics for c in children)
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["apexdistill.kind"] == "sweep"
+    assert "space.train.warmup_steps/train.grad_clip" in parent.data.params
     best = parent.data.tags["apexdistill.best_run_id"]
     assert best == rows[0].run_id and best in {c.info.run_id for c in children}
     assert parent.data.metrics["best/eval/fd_1nfe"] == pytest.approx(rows[0].metric)

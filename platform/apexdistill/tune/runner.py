@@ -98,15 +98,15 @@ def _open_parent(cfg: Config, sweep: SweepConfig, folder: Path, sweep_text: str)
         "apexdistill.sweep": sweep.name, "apexdistill.kind": "sweep", "mlflow.source.git.commit": git_commit(),
         "apexdistill.metric": sweep.metric, "apexdistill.mode": sweep.mode})
     run_id = run.info.run_id
-    for key, spec in sweep.space.items():
-        client.log_param(run_id, f"space.{key}", json.dumps(spec))
+    data = {"uri": uri, "run_id": run_id, "experiment_id": experiment_id}
+    record.write_text(json.dumps(data))  # first: a failure below never leaves an orphan parent behind
+    for key, spec in sweep.space.items():  # MLflow param names take no commas: joint keys use '/'
+        client.log_param(run_id, f"space.{key.replace(',', '/')}", json.dumps(spec))
     for key in ("metric", "mode", "search", "num_samples", "max_concurrent", "eval_every"):
         client.log_param(run_id, f"sweep.{key}", getattr(sweep, key))
     client.log_param(run_id, "sweep.budget_steps", sweep.budget.steps)
     client.log_text(run_id, sweep_text, "sweep.yaml")
     client.log_text(run_id, dump_yaml(cfg), "base_config.yaml")
-    data = {"uri": uri, "run_id": run_id, "experiment_id": experiment_id}
-    record.write_text(json.dumps(data))
     return data
 
 
