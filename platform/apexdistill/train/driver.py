@@ -219,7 +219,9 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     if logger is not None:
         logger.set_tags({"apexdistill.checkpoint": str(checkpoint)})
         logger.log_metrics({"fit_seconds": time.time() - started})
-    if evaluate if evaluate is not None else (cfg.eval.at_end and cfg.data.source == "digits" and not cfg.vae.path):
+    if evaluate is None:
+        evaluate = cfg.eval.at_end and cfg.data.source == "digits" and not cfg.vae.path
+    if evaluate:
         print("[train] evaluating the final weights on the built-in digits", flush=True)
         rows = evaluate_run(cfg, out, logger)
     if handle is not None:

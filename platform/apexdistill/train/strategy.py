@@ -32,6 +32,7 @@ from apexdistill.method.ema import EMA
 
 MODEL_FILE = "model.safetensors"  # full weights (export, evaluation)
 EMA_FILE = "ema.safetensors"  # full weights with the EMA values
+EMA_SHADOW_FILE = "ema_shadow.safetensors"  # deepspeed: the EMA of the trained parameters only
 OBJECTIVE_FILE = "objective.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint folder (fsdp2)
@@ -365,7 +366,7 @@ class DeepSpeedStrategy(Strategy):
     def save(self, folder: Path, final: bool = False) -> None:
         self.engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag="state")
         if self.rank == 0 and self.ema is not None:
-            save_file(_contiguous(self.ema.state_dict()), str(folder / EMA_FILE.replace(".safetensors", "_shadow.safetensors")))
+            save_file(_contiguous(self.ema.state_dict()), str(folder / EMA_SHADOW_FILE))
         if final:
             self.save_weights(folder)
 
@@ -373,7 +374,7 @@ class DeepSpeedStrategy(Strategy):
         path, _ = self.engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag="state", load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"{folder / DEEPSPEED_DIR}: no DeepSpeed checkpoint with tag 'state'")
-        shadow = folder / EMA_FILE.replace(".safetensors", "_shadow.safetensors")
+        shadow = folder / EMA_SHADOW_FILE
         if self.ema is not None and shadow.is_file():
             self.ema.load_state_dict(load_file(str(shadow), device=str(self.device)))
 
