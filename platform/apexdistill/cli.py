@@ -11,6 +11,12 @@ from apexdistill.config import ConfigError
 from apexdistill.tracking import TrackingError
 
 
+def _common_overrides(args: argparse.Namespace) -> list[str]:
+    """The user's key=value overrides plus what --workdir / --tracking-uri stand for."""
+    return [*args.overrides, *([f"run.workdir={args.workdir}"] if getattr(args, "workdir", None) else []),
+            *([f"tracking.uri={args.tracking_uri}"] if getattr(args, "tracking_uri", None) else [])]
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from apexdistill.demo import run_demo
 
@@ -22,8 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from apexdistill.config import dump_yaml, load_config
     from apexdistill.train.driver import run_training
 
-    cfg = load_config(args.config, [*args.overrides, *([f"run.workdir={args.workdir}"] if args.workdir else []),
-                                    *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])])
+    cfg = load_config(args.config, _common_overrides(args))
     print(dump_yaml(cfg), flush=True)
     result = run_training(cfg, address=args.address)
     print(f"[train] checkpoint: {result.checkpoint_dir}")
@@ -39,8 +44,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     from apexdistill.demo import DEMO_CONFIG
 
-    cfg = load_config(args.config or DEMO_CONFIG, [*args.overrides, *([f"run.workdir={args.workdir}"] if args.workdir else []),
-                                                   *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])])
+    cfg = load_config(args.config or DEMO_CONFIG, _common_overrides(args))
     sweep = load_sweep(args.sweep, base=cfg.model_dump(mode="json"))
     run_sweep(cfg, sweep, sweep_text=_Path(args.sweep).read_text(), address=args.address)
     return 0
@@ -50,7 +54,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from apexdistill.config import load_config
     from apexdistill.data.preprocess import run_preprocess
 
-    cfg = load_config(args.config, [*args.overrides, *([f"run.workdir={args.workdir}"] if args.workdir else [])])
+    cfg = load_config(args.config, _common_overrides(args))
     from apexdistill.train.driver import ensure_ray
 
     ensure_ray(args.address)

@@ -121,13 +121,29 @@ def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None) -> list[Any]
     return rows
 
 
-def log_eval_rows(logger: Any, rows: list[Any], floor_fd: float | None = None, prefix: str = "eval") -> None:
+def eval_metrics(rows: list[Any], prefix: str = "eval") -> dict[str, float]:
+    """Evaluation rows -> {"eval/fd_1nfe": ..., "eval/accuracy_1nfe": ..., "eval/ms_per_image_1nfe": ...}."""
     metrics: dict[str, float] = {}
     for r in rows:
         metrics[f"{prefix}/fd_{r.nfe}nfe"] = r.fd
         metrics[f"{prefix}/ms_per_image_{r.nfe}nfe"] = r.ms_per_image
         if r.accuracy is not None:
             metrics[f"{prefix}/accuracy_{r.nfe}nfe"] = r.accuracy
+    return metrics
+
+
+def prepare_evaluator(cfg: Config) -> None:
+    """Train (or find) the evaluator's digit classifier once, in this process, before workers or trials need it."""
+    if cfg.data.source != "digits":
+        return
+    from apexdistill.eval.metrics import build_evaluator
+
+    build_evaluator(Path(cfg.run.workdir) / "eval", cfg.data.resolution, cfg.data.test_fraction, cfg.data.split_seed,
+                    cfg.eval.feature_extractor)
+
+
+def log_eval_rows(logger: Any, rows: list[Any], floor_fd: float | None = None, prefix: str = "eval") -> None:
+    metrics = eval_metrics(rows, prefix)
     if floor_fd is not None:
         metrics[f"{prefix}/floor_fd"] = floor_fd
     logger.log_metrics(metrics)
@@ -172,11 +188,8 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
         print(f"[train] MLflow: {verb} run {handle.run_id} in experiment '{cfg.tracking.experiment}' ({handle.uri})", flush=True)
     logger = RunLogger.from_handle(handle)
 
-    if cfg.eval.every and cfg.data.source == "digits":  # train the evaluator's classifier once, here, not in every worker
-        from apexdistill.eval.metrics import build_evaluator
-
-        build_evaluator(Path(cfg.run.workdir) / "eval", cfg.data.resolution, cfg.data.test_fraction, cfg.data.split_seed,
-                        cfg.eval.feature_extractor)
+    if cfg.eval.every:  # the in-training scores need the classifier: train it here, not in every worker
+        prepare_evaluator(cfg)
     workers = cfg.train.num_workers
     resources: dict[str, float] | None = None
     if workers > 0:

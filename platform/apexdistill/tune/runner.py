@@ -58,7 +58,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], sweep_data: dict[str, A
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from apexdistill.train.driver import run_training
+    from apexdistill.train.driver import eval_metrics, run_training
 
     sweep = SweepConfig.model_validate(sweep_data)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -66,11 +66,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], sweep_data: dict[str, A
     result = run_training(cfg, evaluate=True, parent_run_id=parent["run_id"] if parent else None,
                           train_callbacks=[TuneReportCallback()], run_tags={"apexdistill.sweep": sweep.name,
                                                                             "apexdistill.trial_id": trial_id})
-    final: dict[str, Any] = {"step": int(result.metrics.get("step", 0)), "final": 1}
-    for row in result.eval_rows:
-        final[f"eval/fd_{row.nfe}nfe"] = row.fd
-        if row.accuracy is not None:
-            final[f"eval/accuracy_{row.nfe}nfe"] = row.accuracy
+    final: dict[str, Any] = {"step": int(result.metrics.get("step", 0)), "final": 1, **eval_metrics(result.eval_rows)}
     if result.mlflow_run_id:
         final["mlflow_run_id"] = result.mlflow_run_id
     ray.tune.report(final)
@@ -115,18 +111,14 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
     from ray import tune
 
     from apexdistill.data.preprocess import run_preprocess
-    from apexdistill.train.driver import ensure_ray
+    from apexdistill.train.driver import ensure_ray, prepare_evaluator
 
     folder = sweep_dir(cfg, sweep)
     folder.mkdir(parents=True, exist_ok=True)
     parent = _open_parent(cfg, sweep, folder, sweep_text)
     ensure_ray(address)
     run_preprocess(cfg)  # every trial then hits the cache
-    if cfg.data.source == "digits":  # the evaluator's classifier, trained once here rather than in every trial
-        from apexdistill.eval.metrics import build_evaluator
-
-        build_evaluator(Path(cfg.run.workdir) / "eval", cfg.data.resolution, cfg.data.test_fraction, cfg.data.split_seed,
-                        cfg.eval.feature_extractor)
+    prepare_evaluator(cfg)  # once here rather than in every trial
 
     # progress reports carry the sweep metric only at eval steps (ASHA skips the others): not an error
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
