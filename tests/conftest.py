@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 import pytest
 import torch
@@ -14,6 +15,11 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray 2.60 turns token authentication on for local clusters; one token for every cluster of the session
+# (ray.init's and the `ray start --head` of test_cluster), set before anything reads Ray's config: the
+# auth mode is read once per process.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +29,39 @@ def minilm_states():
     from apexdistill.models.text import TextEncoder
 
     return TextEncoder(max_length=16).encode(CAPTIONS)
+
+
+# fm from a random init (fast, and a bad learning rate is really bad), tiny evaluation
+SWEEP_BASE = ["objective.name=fm", "train.batch_size=16", "train.log_every=5", "train.checkpoint_every=0",
+              "eval.samples_per_class=5", "eval.during_samples_per_class=5", "eval.nfe=[1]", "tracking.experiment=sweeps-test"]
+
+
+@pytest.fixture(scope="session")
+def sweep_workdir(tmp_path_factory):
+    """One work directory for the sweep and dashboard tests: the cache, the evaluator's classifier and
+    the MLflow store are built once; every sweep has its own name, parent run and trials."""
+    return tmp_path_factory.mktemp("sweeps")
+
+
+@pytest.fixture(scope="session")
+def grid_sweep(sweep_workdir, tmp_path_factory):
+    """A real 2 x 2 grid sweep (train.lr x train.warmup_steps, plus a joint key with one point) on local
+    Ray Tune, logged to the SQLite store of ``sweep_workdir``: (cfg, result rows, parent run id)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from apexdistill.config import build_config
+    from apexdistill.tune.runner import run_sweep
+    from apexdistill.tune.sweep import load_sweep
+
+    cfg = build_config({}, [f"run.workdir={sweep_workdir}", *SWEEP_BASE])
+    path = tmp_path_factory.mktemp("grid-sweep-file") / "grid.yaml"
+    path.write_text(yaml.safe_dump({"name": "grid", "budget": {"steps": 6}, "space": {
+        "train.lr": {"grid": [1e-4, 3e-3]}, "train.warmup_steps": {"grid": [0, 2]},
+        "train.grad_clip,train.weight_decay": {"grid": [[0.5, 0.0]]}},
+        "max_concurrent": 4, "resources": {"workers": 1, "cpus_per_worker": 0.35}}, sort_keys=False))
+    rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
+    parent = json.loads((Path(sweep_workdir).resolve() / "sweeps" / "grid" / "parent_run.json").read_text())["run_id"]
+    return cfg, rows, parent

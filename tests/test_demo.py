@@ -38,6 +38,15 @@ def test_demo_quick_end_to_end(tmp_path):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the same numbers are printed as a table
     assert f"{rows[('teacher', 1)]['fd']:.2f}" in out
+    # and the demo ends with the comparison report: its run, the teacher-vs-student grid, the side-by-side timings
+    assert f"report: {results['report']}" in out
+    report = json.loads((tmp_path / "reports" / "demo" / "report.json").read_text())
+    (run_row,) = [r for r in report["runs"] if r["name"] == "demo-apex"]
+    assert run_row["fd"]["1"] == pytest.approx(rows[("student (apex)", 1)]["fd"])
+    assert report["samples"] and report["samples"][0]["artifact"] == "demo/samples.png"
+    speed = {(s["model"], s["nfe"]): s for s in report["speed"]}
+    assert set(speed) == {("teacher", 10), ("teacher", 1), ("student", 1), ("student", 2)}
+    assert speed[("teacher", 10)]["speedup"] == pytest.approx(1.0) and speed[("student", 1)]["speedup"] > 1.0
 
     # the trained run can be scored and sampled from the command line
     run = tmp_path / "runs" / "demo-apex"

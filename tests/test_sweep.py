@@ -21,20 +21,16 @@ from apexdistill.tune.sweep import SweepConfig, load_sweep
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[1]
 
-# fm from a random init (fast, and a bad learning rate is really bad), tiny evaluation
-BASE = ["objective.name=fm", "train.batch_size=16", "train.log_every=5", "train.checkpoint_every=0",
-        "eval.samples_per_class=5", "eval.during_samples_per_class=5", "eval.nfe=[1]", "tracking.experiment=sweeps-test"]
+from conftest import SWEEP_BASE
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """One work directory for the module: the cache, the evaluator's classifier and the MLflow store
-    are built once; every sweep has its own name, parent run and trials."""
-    return tmp_path_factory.mktemp("sweeps")
+def workdir(sweep_workdir):
+    return sweep_workdir
 
 
 def _base(workdir, *extra):
-    return build_config({}, [f"run.workdir={workdir}", *BASE, *extra])
+    return build_config({}, [f"run.workdir={workdir}", *SWEEP_BASE, *extra])
 
 
 def _write(tmp_path, name, data) -> Path:
@@ -55,27 +51,21 @@ def _parent_id(cfg, name):
     return json.loads((Path(cfg.run.workdir).resolve() / "sweeps" / name / "parent_run.json").read_text())["run_id"]
 
 
-def test_grid_sweep_parent_and_children_in_mlflow(tmp_path, workdir):
-    cfg = _base(workdir)
-    # a joint key (two config keys set together) with one point, so the product is still 3 trials
-    path = _write(tmp_path, "lrs", {"name": "lrs", "budget": {"steps": 6}, "space": {
-        "train.lr": {"grid": [1e-4, 1e-3, 3e-3]}, "train.warmup_steps,train.grad_clip": {"grid": [[2, 0.5]]}},
-                                     "max_concurrent": 3, "resources": {"workers": 1, "cpus_per_worker": 0.45}})
-    sweep = load_sweep(path, cfg.model_dump(mode="json"))
-    rows = run_sweep(cfg, sweep, path.read_text())
-    assert len(rows) == 3 and all(r.status == "finished" and r.metric is not None for r in rows)
+def test_grid_sweep_parent_and_children_in_mlflow(grid_sweep):
+    cfg, rows, parent_id = grid_sweep
+    assert len(rows) == 4 and all(r.status == "finished" and r.metric is not None for r in rows)
     assert [r.metric for r in rows] == sorted(r.metric for r in rows)  # best first
 
-    parent_id = _parent_id(cfg, "lrs")
     client, children = _children(cfg, parent_id)
-    assert len(children) == 3
-    assert sorted(float(c.data.params["train.lr"]) for c in children) == [1e-4, 1e-3, 3e-3]  # the trial params
+    assert len(children) == 4
+    points = sorted((float(c.data.params["train.lr"]), int(c.data.params["train.warmup_steps"])) for c in children)
+    assert points == [(1e-4, 0), (1e-4, 2), (3e-3, 0), (3e-3, 2)]  # the trial params: the whole grid, once each
     assert all(c.data.params["train.steps"] == "6" and c.info.status == "FINISHED" for c in children)
-    assert all(c.data.params["train.warmup_steps"] == "2" and c.data.params["train.grad_clip"] == "0.5" for c in children)
+    assert all(c.data.params["train.grad_clip"] == "0.5" and c.data.params["train.weight_decay"] == "0.0" for c in children)
     assert all("eval/fd_1nfe" in c.data.metrics for c in children)
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["apexdistill.kind"] == "sweep"
-    assert "space.train.warmup_steps/train.grad_clip" in parent.data.params
+    assert "space.train.grad_clip/train.weight_decay" in parent.data.params
     best = parent.data.tags["apexdistill.best_run_id"]
     assert best == rows[0].run_id and best in {c.info.run_id for c in children}
     assert parent.data.metrics["best/eval/fd_1nfe"] == pytest.approx(rows[0].metric)

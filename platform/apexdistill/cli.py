@@ -55,9 +55,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from apexdistill.data.preprocess import run_preprocess
 
     cfg = load_config(args.config, _common_overrides(args))
-    from apexdistill.train.driver import ensure_ray
+    from apexdistill.train.driver import connect
 
-    ensure_ray(args.address)
+    connect(cfg, args.address)
     info = run_preprocess(cfg, force=args.force)
     state = "hit (nothing encoded)" if info.hit else "built"
     print(f"[preprocess] {state}: {info.rows} rows, {info.rejected} rejected, {info.truncated} truncated captions")
@@ -114,6 +114,46 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_pipeline(args.run, args.output, use_ema=not args.raw, overwrite=args.overwrite)
     print(f"[export] diffusers folder: {out}")
     return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from apexdistill.report import build_report, default_out_dir
+
+    workdir = Path(args.workdir or "./apex-runs")
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        db = workdir.resolve() / "mlflow.db"
+        if not db.is_file():
+            raise FileNotFoundError(f"no MLflow store at {db}: run 'apexdistill demo' (or train/sweep) first, "
+                                    f"or pass --workdir / --tracking-uri")
+        uri = f"sqlite:///{db}"
+    out = Path(args.output) if args.output else default_out_dir(workdir, args.experiment, args.sweep)
+    page, data = build_report(uri, out, args.experiment, args.sweep)
+    runs = [r for r in data["runs"] if r["kind"] != "sweep"]
+    print(f"[dashboard] {len(runs)} runs, {len(data['sweeps'])} sweeps from {uri}")
+    print(f"[dashboard] report: {page}")
+    if args.serve:
+        from apexdistill.report.serve import serve
+
+        serve(uri, page.parent, mlflow_port=args.port)
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from apexdistill.submit import default_address, submit
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    _, status = submit(args.address or default_address(), command, args.working_dir, args.submission_id, args.follow)
+    if status is None:
+        return 0
+    print(f"[submit] finished: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _cmd_job(args: argparse.Namespace) -> int:
+    from apexdistill.submit import default_address, job_command
+
+    return job_command(args.action, args.id, args.address or default_address(), args.follow)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +218,33 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--raw", action="store_true")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     x.set_defaults(fn=_cmd_export)
+
+    b = sub.add_parser("dashboard", help="a static HTML report comparing runs and sweeps, from MLflow; --serve adds the MLflow UI")
+    b.add_argument("--experiment", action="append", default=None,
+                   help="MLflow experiment to report (repeatable; default: every experiment with runs)")
+    b.add_argument("--sweep", default=None, help="a sweep's parent run id (printed by 'apexdistill sweep'): that sweep only")
+    b.add_argument("-o", "--output", default=None, help="report folder (default: <workdir>/reports/<experiment or sweep>)")
+    b.add_argument("--workdir", default=None, help="work directory whose SQLite store is read (default ./apex-runs)")
+    b.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    b.add_argument("--serve", action="store_true", help="also start the MLflow UI and serve the report on 127.0.0.1 until Ctrl-C")
+    b.add_argument("--port", type=int, default=0, help="MLflow UI port with --serve (default: a free one)")
+    b.set_defaults(fn=_cmd_dashboard)
+
+    j = sub.add_parser("submit", help="submit a command to a Ray cluster as a Ray job (working directory uploaded)",
+                       description="apexdistill submit --address http://HEAD:8265 [--follow] -- train -c CONFIG [key=value ...]")
+    j.add_argument("--address", default=None, help="Ray Jobs API (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS if http, else http://127.0.0.1:8265)")
+    j.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 only if it succeeded")
+    j.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: .)")
+    j.add_argument("--submission-id", default=None, help="default: apexdistill-<run name>, stable across re-submissions")
+    j.add_argument("command", nargs=argparse.REMAINDER, help="after '--': an apexdistill subcommand (train, sweep, ...) or any command")
+    j.set_defaults(fn=_cmd_submit)
+
+    jb = sub.add_parser("job", help="status, logs, stop or list of Ray jobs")
+    jb.add_argument("action", choices=["status", "logs", "stop", "list"])
+    jb.add_argument("id", nargs="?", default=None, help="submission id (printed by 'apexdistill submit')")
+    jb.add_argument("--address", default=None, help="Ray Jobs API (default as for submit)")
+    jb.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jb.set_defaults(fn=_cmd_job)
     return p
 
 

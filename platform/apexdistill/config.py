@@ -30,8 +30,11 @@ class _Section(BaseModel):
 
 class RunConfig(_Section):
     name: str = "apex-digits"
-    workdir: str = "./apex-runs"
+    workdir: str = Field("./apex-runs", description="run folders, checkpoints, caches, MLflow store; on a multi-node cluster "
+                         "a path every node mounts (NFS, Lustre, ...)")
     seed: int = 0
+    shared_storage: bool = Field(False, description="declare run.workdir and a local data.cache_uri shared by every node "
+                                 "(for a network filesystem apexdistill does not recognise in /proc/mounts)")
 
 
 class DataConfig(_Section):

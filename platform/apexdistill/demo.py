@@ -68,6 +68,7 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
         + [("student", student, n, "few_step") for n in cfg.eval.nfe],
         out / "samples.png",
     )
+    speed = grid.speed_metrics()
     results = {
         "rows": [r.as_dict() for r in rows],
         "floor_fd": bench.evaluator.floor_fd,
@@ -77,22 +78,29 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
         "train_minutes": train_minutes,
         "total_minutes": (time.time() - started) / 60,
         "checkpoint": str(result.checkpoint_dir),
-        "samples_png": str(grid),
+        "samples_png": str(grid.path),
+        "speed": grid.speed,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if result.mlflow_run_id:
-        _log_to_mlflow(result, rows, bench.evaluator.floor_fd, grid, results)
+        _log_to_mlflow(result, rows, bench.evaluator.floor_fd, grid.path, results, speed)
     print()
     print(format_table(rows, bench.evaluator.floor_fd))
     print(f"\n{results['train_steps']} distillation steps in {train_minutes:.1f} min; total {results['total_minutes']:.1f} min")
-    print(f"samples: {grid}\nresults: {out / 'results.json'}")
+    print(f"samples: {grid.path}\nresults: {out / 'results.json'}")
     if result.mlflow_run_id:
-        print(f"MLflow: run {result.mlflow_run_id} in {result.tracking_uri} "
-              f"(browse: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1)")
+        from apexdistill.report import build_report, default_out_dir
+
+        page, _ = build_report(result.tracking_uri, default_out_dir(cfg.run.workdir, [cfg.tracking.experiment], None),
+                               experiments=[cfg.tracking.experiment])
+        results["report"] = str(page)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"MLflow: run {result.mlflow_run_id} in {result.tracking_uri}")
+        print(f"report: {page}  (open it in a browser; 'apexdistill dashboard --serve' adds the MLflow UI)")
     return results
 
 
-def _log_to_mlflow(result, rows, floor_fd, grid, results) -> None:
+def _log_to_mlflow(result, rows, floor_fd, grid, results, speed) -> None:
     """The demo's table into the training run: the student's rows as eval/*, the teacher's as teacher/*."""
     from apexdistill.tracking import RunLogger
     from apexdistill.train.driver import log_eval_rows
@@ -102,4 +110,4 @@ def _log_to_mlflow(result, rows, floor_fd, grid, results) -> None:
     log_eval_rows(logger, student, floor_fd)
     log_eval_rows(logger, [r for r in rows if r.model.startswith("teacher")], floor_fd, prefix="teacher")
     logger.log_artifacts(grid.parent, "demo")
-    logger.log_metrics({"demo/total_minutes": results["total_minutes"], "demo/train_minutes": results["train_minutes"]})
+    logger.log_metrics({"demo/total_minutes": results["total_minutes"], "demo/train_minutes": results["train_minutes"], **speed})

@@ -6,6 +6,7 @@ multi-step Euler ODE; both see the same prompts and the same fixed-seed noise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,18 +36,36 @@ class DigitsBench:
             channels=1, resolution=self.cfg.data.resolution,
         )
 
-    def grid(self, models: list[tuple[str, torch.nn.Module, int, str]], path: Path, per_class: int = 1) -> Path:
-        """One row per (name, model, nfe, sampler): the ten prompts, same noise for every row."""
-        rows, titles = [], []
+    def grid(self, models: list[tuple[str, torch.nn.Module, int, str]], path: Path, per_class: int = 1) -> GridResult:
+        """One row per (name, model, nfe, sampler): the ten prompts, same noise for every row. Each row's
+        sampling is timed on the same batch, so the rows' ms/image compare side by side."""
+        rows, titles, speed = [], [], []
         for name, model, nfe, sampler in models:
-            images, _, _ = generate(
+            images, _, ms = generate(
                 model, self.text_table, self.mask_table, nfe, sampler, samples_per_class=per_class,
                 seed=self.cfg.eval.seed, batch_size=self.cfg.eval.batch_size, channels=1, resolution=self.cfg.data.resolution,
             )
             rows.append(images)
             titles.append(f"{name} {nfe} NFE")
+            speed.append({"model": name, "nfe": int(nfe), "sampler": sampler, "ms_per_image": ms})
         save_grid(torch.cat(rows), path, nrow=len(CAPTIONS) * per_class, labels_text=titles)
-        return path
+        return GridResult(path, speed)
+
+
+@dataclass
+class GridResult:
+    """A sample grid PNG and, per row, {model, nfe, sampler, ms_per_image} timed on the grid's batch."""
+
+    path: Path
+    speed: list[dict]
+
+    def speed_metrics(self, student_prefix: str = "student") -> dict[str, float]:
+        """{"speed/ms_per_image_teacher_50nfe": ..., "speed/ms_per_image_student_1nfe": ...} for MLflow."""
+        out = {}
+        for row in self.speed:
+            who = "student" if row["model"].startswith(student_prefix) else "teacher"
+            out[f"speed/ms_per_image_{who}_{row['nfe']}nfe"] = row["ms_per_image"]
+        return out
 
 
 def format_table(rows: list[EvalRow], floor_fd: float | None = None) -> str:

@@ -8,6 +8,7 @@ the last reported checkpoint, inside the same ``fit()`` and the same MLflow run.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -56,16 +57,34 @@ def ensure_ray(address: str | None = None) -> None:
         # Ray Train V2 watches its controller through the state API, which the dashboard serves
         "include_dashboard": True, "dashboard_host": "127.0.0.1",
     }
+    env_vars = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
+                # worker prints go to stdout once, not again through Train's logger
+                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    # inside a submitted Ray job, Ray refuses a key that the job's runtime env sets too: the job's wins
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    env_vars = {k: v for k, v in env_vars.items() if k not in (job.get("env_vars") or {})}
     ray.init(
         address=address,
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
-                                  # worker prints go to stdout once, not again through Train's logger
-                                  "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        runtime_env={"env_vars": env_vars} if env_vars else None,
         **local,
     )
+
+
+def connect(cfg: Config, address: str | None = None) -> None:
+    """Start or join Ray; on a multi-node cluster (a remote ``address``, or more than one node once
+    connected) refuse the setups that cannot work across machines before any work starts."""
+    from apexdistill.cluster import check_cluster, check_multinode, is_remote_address
+    from apexdistill.tracking import resolve_uri
+
+    uri = resolve_uri(cfg) if cfg.tracking.enabled else None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if is_remote_address(address):
+        check_multinode(cfg, uri, f"Ray address {address}")
+    ensure_ray(address)
+    check_cluster(cfg, uri, address)
 
 
 def check_cpu_headroom(cfg: Config) -> None:
@@ -107,17 +126,28 @@ def sample_prompts(cfg: Config, cache_uri: str, limit: int = 8) -> dict[str, lis
 
 
 def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None) -> list[Any]:
-    """1/2/4-NFE scores of the final (EMA) weights on the built-in digits, logged into the run."""
+    """1/2/4-NFE scores of the final (EMA) weights on the built-in digits, logged into the run, with a
+    sample grid (the teacher at ``eval.teacher_nfe`` above the student at each NFE, same prompts and
+    noise) and each row's ms/image on that batch (``speed/*``)."""
     from apexdistill.eval.runner import DigitsBench, format_table
-    from apexdistill.train.data import digit_caption_table
+    from apexdistill.models.build import build_backbone
+    from apexdistill.train.data import DataShapes, digit_caption_table
     from apexdistill.train.export import load_trained_backbone
 
     model, _ = load_trained_backbone(run_folder, use_ema=cfg.eval.use_ema)
     bench = DigitsBench(cfg, *digit_caption_table(cfg))
     rows = bench.score(cfg.run.name, model, cfg.eval.nfe, "few_step")
     print(format_table(rows, bench.evaluator.floor_fd), flush=True)
+    grid_rows = [("student", model, n, "few_step") for n in cfg.eval.nfe]
+    if cfg.model.path:  # a teacher to compare with (a run from a random init has none)
+        shapes = DataShapes.load(run_folder)
+        teacher = build_backbone(cfg.model, shapes.channels, shapes.resolution, shapes.text_dim).eval()
+        grid_rows.insert(0, ("teacher", teacher, cfg.eval.teacher_nfe, "euler"))
+    grid = bench.grid(grid_rows, run_folder / "eval" / "samples.png")
     if logger is not None:
         log_eval_rows(logger, rows, bench.evaluator.floor_fd)
+        logger.log_metrics(grid.speed_metrics())
+        logger.log_artifacts(grid.path.parent, "eval")
     return rows
 
 
@@ -171,9 +201,9 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
         from apexdistill.tracking import check_reachable, resolve_uri
 
         check_reachable(resolve_uri(cfg))
+    connect(cfg, address)
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "config.yaml")
-    ensure_ray(address)
     cache = run_preprocess(cfg)
     shapes = DataShapes.from_manifest(cache.manifest, cache.uri)
     shapes.save(out)

@@ -111,12 +111,12 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
     from ray import tune
 
     from apexdistill.data.preprocess import run_preprocess
-    from apexdistill.train.driver import ensure_ray, prepare_evaluator
+    from apexdistill.train.driver import connect, prepare_evaluator
 
+    connect(cfg, address)
     folder = sweep_dir(cfg, sweep)
     folder.mkdir(parents=True, exist_ok=True)
     parent = _open_parent(cfg, sweep, folder, sweep_text)
-    ensure_ray(address)
     run_preprocess(cfg)  # every trial then hits the cache
     prepare_evaluator(cfg)  # once here rather than in every trial
 

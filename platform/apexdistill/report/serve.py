@@ -1,0 +1,100 @@
+"""`apexdistill dashboard --serve`: the MLflow UI and the report, both on 127.0.0.1, until Ctrl-C.
+
+The MLflow server runs as a child process in its own process group (it forks its web workers); on
+Ctrl-C, SIGTERM or an error the whole group is stopped by PID, and the report's HTTP server with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_ui(uri: str, port: int, log_file: Path, timeout: float = 90.0, artifacts: Path | None = None) -> subprocess.Popen:
+    """``mlflow server`` against the store at ``uri`` on 127.0.0.1:port; returns once /health answers.
+    New experiments keep their artifacts in ``artifacts`` (default: next to a SQLite database, else
+    beside the log file), never in the current directory."""
+    if artifacts is None:
+        artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else log_file.parent / "mlartifacts"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
+           "--workers", "1", "--artifacts-destination", str(artifacts)]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log = log_file.open("ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=log_file.parent)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = log_file.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the MLflow UI exited with code {proc.returncode} at start-up ({log_file}):\n{tail}")
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError(f"the MLflow UI did not answer on http://{HOST}:{port} within {timeout:.0f} s; see {log_file}")
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the process group we started, SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(grace)
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(uri: str, report_dir: Path, mlflow_port: int = 0, report_port: int = 0) -> None:
+    """Start both servers, print their addresses, block until Ctrl-C (or SIGTERM), stop both."""
+    mlflow_port = mlflow_port or free_port()
+    proc = start_mlflow_ui(uri, mlflow_port, report_dir / "mlflow-ui.log")
+    handler = functools.partial(_Quiet, directory=str(report_dir))
+    httpd = http.server.ThreadingHTTPServer((HOST, report_port), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print(f"[dashboard] MLflow UI: http://{HOST}:{mlflow_port} (store {uri}, pid {proc.pid})", flush=True)
+        print(f"[dashboard] report:    http://{HOST}:{httpd.server_address[1]}/index.html", flush=True)
+        print("[dashboard] Ctrl-C stops both", flush=True)
+        while proc.poll() is None:
+            time.sleep(0.5)
+        print(f"[dashboard] the MLflow UI exited with code {proc.returncode}; see {report_dir / 'mlflow-ui.log'}", flush=True)
+    except KeyboardInterrupt:
+        print("\n[dashboard] stopping", flush=True)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        stop(proc)
