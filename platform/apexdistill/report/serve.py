@@ -77,19 +77,25 @@ def _interrupt(*_: object) -> None:
 
 
 def serve(uri: str, report_dir: Path, mlflow_port: int = 0, report_port: int = 0) -> None:
-    """Start both servers, print their addresses, block until Ctrl-C (or SIGTERM), stop both."""
-    mlflow_port = mlflow_port or free_port()
-    proc = start_mlflow_ui(uri, mlflow_port, report_dir / "mlflow-ui.log")
+    """Start both servers, print their addresses, block until Ctrl-C (or SIGTERM), stop both. A store
+    that is already a tracking server (http://...) has its own UI: only the report is served then."""
+    proc = None
+    if uri.startswith(("http://", "https://")):
+        ui = uri.rstrip("/")
+    else:
+        mlflow_port = mlflow_port or free_port()
+        proc = start_mlflow_ui(uri, mlflow_port, report_dir / "mlflow-ui.log")
+        ui = f"http://{HOST}:{mlflow_port}"
     handler = functools.partial(_Quiet, directory=str(report_dir))
     httpd = http.server.ThreadingHTTPServer((HOST, report_port), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        print(f"[dashboard] MLflow UI: http://{HOST}:{mlflow_port} (store {uri}, pid {proc.pid})", flush=True)
+        print(f"[dashboard] MLflow UI: {ui}" + (f" (store {uri}, pid {proc.pid})" if proc else " (the tracking server's own)"), flush=True)
         print(f"[dashboard] report:    http://{HOST}:{httpd.server_address[1]}/index.html", flush=True)
-        print("[dashboard] Ctrl-C stops both", flush=True)
-        while proc.poll() is None:
+        print(f"[dashboard] Ctrl-C stops {'both' if proc else 'the report server'}", flush=True)
+        while proc is None or proc.poll() is None:
             time.sleep(0.5)
         print(f"[dashboard] the MLflow UI exited with code {proc.returncode}; see {report_dir / 'mlflow-ui.log'}", flush=True)
     except KeyboardInterrupt:
@@ -97,4 +103,5 @@ def serve(uri: str, report_dir: Path, mlflow_port: int = 0, report_port: int = 0
     finally:
         httpd.shutdown()
         httpd.server_close()
-        stop(proc)
+        if proc is not None:
+            stop(proc)
