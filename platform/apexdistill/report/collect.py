@@ -145,8 +145,13 @@ def run_row(run: Any, experiment_names: dict[str, str]) -> dict[str, Any]:
 
 def shown_params(rows: list[dict[str, Any]], extra: list[str]) -> list[str]:
     """The key params that vary between the reported runs (all of them if there is one run), then the sweeps' keys."""
+    objectives = {r["params"].get("objective.name") for r in rows}
     keys = []
     for key in [*extra, *KEY_PARAMS]:
+        parts = key.split(".")
+        if key not in extra and parts[0] == "objective" and len(parts) == 3 and parts[1] not in ("shift", "time") \
+                and parts[1] not in objectives:
+            continue  # another objective's weights: not what these runs used
         values = {json.dumps(r["params"].get(key), sort_keys=True) for r in rows if key in r["params"]}
         if values and key not in keys and (len(values) > 1 or len(rows) == 1 or key in extra or key == "objective.name"):
             keys.append(key)

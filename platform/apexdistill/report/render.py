@@ -46,9 +46,12 @@ def _cell(v: Any, digits: int = 2, cls: str = "") -> str:
 
 
 def param_label(key: str) -> str:
-    """``train.lr`` -> ``lr``; ``objective.name`` -> ``objective.name`` where the last part alone says little."""
+    """``train.lr`` -> ``lr``, ``objective.apex.lambda_p`` -> ``apex.lambda_p``; ``objective.name`` and
+    ``lora.enabled`` keep their section, where the last part alone says little."""
     parts = key.split(".")
-    return ".".join(parts[-2:]) if parts[-1] in {"name", "enabled", "a", "b", "stage"} and len(parts) > 1 else parts[-1]
+    if parts[0] == "objective" and len(parts) > 2:
+        return ".".join(parts[1:])  # shift.a, apex.lambda_p, apex_literal.lambda_p
+    return ".".join(parts[-2:]) if parts[-1] in {"name", "enabled", "stage"} and len(parts) > 1 else parts[-1]
 
 
 def runs_table(data: dict[str, Any]) -> str:
