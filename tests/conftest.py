@@ -49,7 +49,8 @@ def sweep_workdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def grid_sweep(sweep_workdir, tmp_path_factory):
     """A real 2 x 2 grid sweep (train.lr x train.warmup_steps, plus a joint key with one point) on local
-    Ray Tune, logged to the SQLite store of ``sweep_workdir``: (cfg, result rows, parent run id)."""
+    Ray Tune, logged to the SQLite store of ``sweep_workdir`` in the experiment 'sweeps-grid':
+    (cfg, result rows, parent run id)."""
     import json
     from pathlib import Path
 
@@ -61,7 +62,8 @@ def grid_sweep(sweep_workdir, tmp_path_factory):
 
     cfg = build_config({}, [f"run.workdir={sweep_workdir}", *SWEEP_BASE])
     path = tmp_path_factory.mktemp("grid-sweep-file") / "grid.yaml"
-    path.write_text(yaml.safe_dump({"name": "grid", "budget": {"steps": 6}, "space": {
+    # its own experiment (the base config's is sweeps-test): parent and trials must both land there
+    path.write_text(yaml.safe_dump({"name": "grid", "experiment": "sweeps-grid", "budget": {"steps": 6}, "space": {
         "train.lr": {"grid": [1e-4, 3e-3]}, "train.warmup_steps": {"grid": [0, 2]},
         "train.grad_clip,train.weight_decay": {"grid": [[0.5, 0.0]]}},
         "max_concurrent": 4, "resources": {"workers": 1, "cpus_per_worker": 0.35}}, sort_keys=False))

@@ -295,3 +295,21 @@ def test_a_bad_config_job_fails_fast_with_the_error_in_its_logs(ray_head, job_wo
     assert str(JobSubmissionClient(ray_head).get_job_status("apexdistill-tiny-bad")) == "FAILED"
     assert main(["job", "status", "apexdistill-tiny-bad", "--address", ray_head]) == 0
     assert "apexdistill-tiny-bad: FAILED" in capsys.readouterr().out
+
+
+def test_single_node_clusters_that_will_grow_are_checked_too(tmp_path):
+    """ray_cluster.yaml's head has no CPUs for training and no GPUs, and no workers at first
+    (min_workers 0): a GPU job that joins it sees one node, and its workers will run elsewhere."""
+    from apexdistill.cluster import check_cluster
+
+    sqlite = f"sqlite:///{tmp_path}/mlflow.db"
+    gpu = build_config({}, [f"run.workdir={tmp_path}", "train.num_workers=8", "train.use_gpu=true", "train.strategy=fsdp2"])
+    head = {"Alive": True, "Resources": {"CPU": 8.0}}
+    with pytest.raises(ConfigError, match=r"needs 8 GPUs .* has 0 and 8, so they will run on nodes the autoscaler adds"):
+        check_cluster(gpu, sqlite, "10.0.0.10:6379", nodes=[head])
+    with pytest.raises(ConfigError, match="has 2 nodes"):
+        check_cluster(build_config({}, [f"run.workdir={tmp_path}"]), sqlite, None, nodes=[head, head])
+    # what one node can hold stays a single-machine run: local storage and SQLite are fine
+    cpu = build_config({}, [f"run.workdir={tmp_path}", "train.num_workers=2", "train.cpus_per_worker=0.45", "train.strategy=ddp"])
+    check_cluster(cpu, sqlite, "127.0.0.1:6379", nodes=[{"Alive": True, "Resources": {"CPU": 2.0}}])
+    check_cluster(gpu, sqlite, None, nodes=[{"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0}}])

@@ -19,8 +19,8 @@ import pytest
 from mlflow import MlflowClient
 
 from apexdistill.cli import main
-from apexdistill.report import build_report, collect
-from apexdistill.report.collect import ReportError
+from apexdistill.report import build_report
+from apexdistill.report.collect import ReportError, collect
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_report_data_matches_the_store(grid_sweep, report):
     cfg, rows, parent = grid_sweep
     _, data = report
     client = MlflowClient(_uri(cfg))
-    exp = client.get_experiment_by_name("sweeps-test")
+    exp = client.get_experiment_by_name("sweeps-grid")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     by_id = {c.info.run_id: c for c in children}
 
@@ -169,7 +169,7 @@ def test_serve_starts_the_mlflow_ui_on_loopback_and_stops_it(grid_sweep, tmp_pat
         assert f"MLflow UI: http://127.0.0.1:{port}" in text, text
         report_url = re.search(r"report:\s+(http://127\.0\.0\.1:\d+/index\.html)", text).group(1)
 
-        body = json.dumps({"experiment_ids": [MlflowClient(_uri(cfg)).get_experiment_by_name("sweeps-test").experiment_id],
+        body = json.dumps({"experiment_ids": [MlflowClient(_uri(cfg)).get_experiment_by_name("sweeps-grid").experiment_id],
                            "filter": f"tags.mlflow.parentRunId = '{parent}'", "max_results": 100}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -190,7 +190,7 @@ def test_serve_starts_the_mlflow_ui_on_loopback_and_stops_it(grid_sweep, tmp_pat
 def test_bad_selection_is_a_clear_error(grid_sweep, tmp_path, capsys):
     cfg, rows, _ = grid_sweep
     uri = _uri(cfg)
-    with pytest.raises(ReportError, match="--experiment nope: no such experiment.*sweeps-test"):
+    with pytest.raises(ReportError, match="--experiment nope: no such experiment.*sweeps-grid"):
         collect(uri, experiments=["nope"])
     with pytest.raises(ReportError, match="is not a sweep's parent run"):
         collect(uri, sweep=rows[0].run_id)  # a trial, not the parent
@@ -198,8 +198,59 @@ def test_bad_selection_is_a_clear_error(grid_sweep, tmp_path, capsys):
     assert "no MLflow store at" in capsys.readouterr().err
     # a failed build leaves an existing report alone
     out = tmp_path / "kept"
-    build_report(uri, out, experiments=["sweeps-test"])
+    build_report(uri, out, experiments=["sweeps-grid"])
     before = (out / "index.html").read_text()
     with pytest.raises(ReportError):
         build_report(uri, out, experiments=["nope"])
     assert (out / "index.html").read_text() == before
+
+
+def test_report_edge_cases_from_a_hand_made_store(tmp_path):
+    """No Ray needed: runs logged straight into a real SQLite store. A resumed run that replayed steps,
+    a run whose last loss is NaN, a run with no metrics and an HTML-like name, and a random-search
+    sweep whose trials sit in another experiment than its parent."""
+    import math
+
+    from mlflow.entities import Metric
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    main_exp = client.create_experiment("main", artifact_location=(tmp_path / "art").as_uri())
+    other_exp = client.create_experiment("trials", artifact_location=(tmp_path / "art").as_uri())
+
+    def run(exp, name, tags=None, params=None, history=(), status="FINISHED"):
+        r = client.create_run(exp, run_name=name, tags=tags or {})
+        for k, v in (params or {}).items():
+            client.log_param(r.info.run_id, k, v)
+        for t, (key, step, value) in enumerate(history):
+            client.log_batch(r.info.run_id, metrics=[Metric(key, value, 1000 + t, step)])
+        client.set_terminated(r.info.run_id, status)
+        return r.info.run_id
+
+    resumed = run(main_exp, "resumed", params={"objective.name": "fm"}, history=[
+        ("loss", 1, 1.0), ("loss", 2, 0.9), ("loss", 3, 0.8), ("loss", 2, 0.7), ("loss", 3, 0.6),  # restart at step 2
+        ("eval/fd_1nfe", 3, 40.0)])
+    diverged = run(main_exp, "diverged", params={"objective.name": "fm"},
+                   history=[("loss", 1, 1.0), ("loss", 2, 2.0), ("loss", 3, math.nan)])
+    run(main_exp, '<img src=x onerror="alert(1)">', params={"objective.name": "fm"}, status="FAILED")
+    parent = run(main_exp, "rand", tags={"apexdistill.kind": "sweep", "apexdistill.sweep": "rand",
+                                         "apexdistill.metric": "eval/fd_1nfe", "apexdistill.mode": "min"},
+                 params={"space.train.lr": json.dumps({"loguniform": [1e-5, 1e-3]})})
+    trials = [run(other_exp, f"rand-{i}", tags={"mlflow.parentRunId": parent, "apexdistill.sweep": "rand"},
+                  params={"train.lr": str(lr), "objective.name": "fm"}, history=[("eval/fd_1nfe", 4, fd)])
+              for i, (lr, fd) in enumerate([(3e-4, 30.0), (2e-5, 50.0)])]
+
+    page, data = build_report(uri, tmp_path / "out", experiments=["main"])
+    curves = {s["name"]: s["points"] for s in data["curves"]["loss"]}
+    assert curves["resumed"] == [[1, 1.0], [2, 0.7], [3, 0.6]]  # the last value logged for each step
+    assert curves["diverged"] == [[1, 1.0], [2, 2.0]]  # a NaN at the end does not hide the run
+    # the trials logged in another experiment still belong to their sweep
+    assert {r["run_id"] for r in data["runs"]} >= {resumed, diverged, parent, *trials}
+    (sweep,) = data["sweeps"]
+    assert sweep["heatmap"] is None and sweep["table"]["header"] == ["lr"]
+    assert [r["run_id"] for r in sweep["table"]["rows"]] == trials and sweep["trials"][0]["metric"] == 30.0
+    html = page.read_text()
+    assert '<img src=x onerror' not in html and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
+    assert "status-failed" in html
+    # --sweep finds the trials in the other experiment too
+    assert len(collect(uri, sweep=parent)["sweeps"][0]["trials"]) == 2

@@ -114,6 +114,8 @@ def test_resume_and_injected_failure_match_an_uninterrupted_run(tmp_path, shared
     assert tags["apexdistill.objective"] == "fm" and tags["apexdistill.strategy"] == "ddp"
     assert tags["apexdistill.cache_key"].startswith("digits-") and tags["mlflow.source.git.commit"]
     assert tags["apexdistill.checkpoint"] == str(failed.checkpoint_dir)
+    # the end-of-run scores are logged at the final step: they are the run's latest values
+    assert [m.step for m in MlflowClient(failed.tracking_uri).get_metric_history(failed.mlflow_run_id, "eval/fd_1nfe")] == [6]
     client = MlflowClient(failed.tracking_uri)
     artifacts = {a.path for a in client.list_artifacts(failed.mlflow_run_id)}
     assert {"config.yaml", "images", "eval"} <= artifacts

@@ -39,9 +39,9 @@ def _write(tmp_path, name, data) -> Path:
     return path
 
 
-def _children(cfg, parent_id):
+def _children(cfg, parent_id, experiment="sweeps-test"):
     client = MlflowClient(f"sqlite:///{Path(cfg.run.workdir).resolve() / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("sweeps-test")
+    exp = client.get_experiment_by_name(experiment)
     return client, client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
@@ -56,8 +56,9 @@ def test_grid_sweep_parent_and_children_in_mlflow(grid_sweep):
     assert len(rows) == 4 and all(r.status == "finished" and r.metric is not None for r in rows)
     assert [r.metric for r in rows] == sorted(r.metric for r in rows)  # best first
 
-    client, children = _children(cfg, parent_id)
+    client, children = _children(cfg, parent_id, "sweeps-grid")
     assert len(children) == 4
+    assert client.get_run(parent_id).info.experiment_id == children[0].info.experiment_id  # the sweep file's experiment
     points = sorted((float(c.data.params["train.lr"]), int(c.data.params["train.warmup_steps"])) for c in children)
     assert points == [(1e-4, 0), (1e-4, 2), (3e-3, 0), (3e-3, 2)]  # the trial params: the whole grid, once each
     assert all(c.data.params["train.steps"] == "6" and c.info.status == "FINISHED" for c in children)

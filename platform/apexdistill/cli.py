@@ -130,12 +130,12 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else default_out_dir(workdir, args.experiment, args.sweep)
     page, data = build_report(uri, out, args.experiment, args.sweep)
     runs = [r for r in data["runs"] if r["kind"] != "sweep"]
-    print(f"[dashboard] {len(runs)} runs, {len(data['sweeps'])} sweeps from {uri}")
+    print(f"[dashboard] {len(runs)} runs, {len(data['sweeps'])} sweeps from {data['tracking_uri']}")
     print(f"[dashboard] report: {page}")
     if args.serve:
         from apexdistill.report.serve import serve
 
-        serve(uri, page.parent, mlflow_port=args.port)
+        return serve(uri, page.parent, mlflow_port=args.port)
     return 0
 
 

@@ -11,8 +11,9 @@ node A, a restarted worker that cannot read its checkpoint). So before any worke
 - ``data.cache_uri`` likewise, or an object-store URI (``s3://``, ``gs://``, ...) read through
   fsspec/pyarrow; ``memory://`` lives in one process and is refused.
 
-Checked twice: at the command line when ``--address`` names another machine (before connecting),
-and after connecting when the cluster reports more than one alive node.
+Checked twice: when ``--address`` names another machine (before connecting), and after connecting
+when the cluster reports more than one alive node or the run needs more than its only node has (an
+autoscaling cluster whose workers are not up yet).
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ def _is_this_machine(host: str) -> bool:
     return False
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def is_remote_address(address: str | None) -> bool:
     """Does this Ray address (``ray://host:port``, ``host:port``, ``http://host:8265``) name another machine?
     ``None``, ``auto`` and ``local`` mean this machine's cluster: the node count decides after connecting."""
@@ -82,12 +90,7 @@ def is_remote_address(address: str | None) -> bool:
     host = urlparse(address if "://" in address else f"ray://{address}").hostname
     if not host:
         return False
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return False
-    except ValueError:
-        pass
-    return not _is_this_machine(host)
+    return not (_loopback(host) or _is_this_machine(host))
 
 
 def _storage_problem(field: str, uri: str, cfg: Config, mounts: str | None) -> str | None:
@@ -129,10 +132,24 @@ def check_multinode(cfg: Config, tracking_uri: str | None, where: str, mounts: s
         raise ConfigError(f"multi-node run ({where}):\n  - " + "\n  - ".join(problems))
 
 
-def check_cluster(cfg: Config, tracking_uri: str | None, address: str | None = None) -> None:
-    """After connecting: the same rules when the cluster has more than one alive node."""
-    import ray
+def check_cluster(cfg: Config, tracking_uri: str | None, address: str | None = None, nodes: list[dict] | None = None) -> None:
+    """After connecting: the same rules when the cluster has more than one alive node, or when the run
+    needs more than its only node has (an autoscaling cluster such as ``ray_cluster.yaml``, whose CPU-only
+    head starts alone, will bring the GPU workers up on other machines)."""
+    if nodes is None:
+        import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+        nodes = ray.nodes()
+    nodes = [n for n in nodes if n.get("Alive")]
+    where = address or "RAY_ADDRESS"
     if len(nodes) > 1:
-        check_multinode(cfg, tracking_uri, f"the Ray cluster at {address or 'RAY_ADDRESS'} has {len(nodes)} nodes")
+        check_multinode(cfg, tracking_uri, f"the Ray cluster at {where} has {len(nodes)} nodes")
+    elif len(nodes) == 1:
+        have = nodes[0].get("Resources") or {}
+        t = cfg.train
+        need_gpus = t.num_workers if t.use_gpu and t.num_workers else 0
+        need_cpus = t.num_workers * t.cpus_per_worker
+        if need_gpus > have.get("GPU", 0) or need_cpus > have.get("CPU", 0):
+            check_multinode(cfg, tracking_uri, f"the run needs {need_gpus:g} GPUs and {need_cpus:g} CPUs for its workers; the "
+                                               f"only node of the Ray cluster at {where} has {have.get('GPU', 0):g} and "
+                                               f"{have.get('CPU', 0):g}, so they will run on nodes the autoscaler adds")

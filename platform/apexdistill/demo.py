@@ -91,10 +91,13 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
     if result.mlflow_run_id:
         from apexdistill.report import build_report, default_out_dir
 
-        page, _ = build_report(result.tracking_uri, default_out_dir(cfg.run.workdir, [cfg.tracking.experiment], None),
-                               experiments=[cfg.tracking.experiment])
-        results["report"] = str(page)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        try:  # the run is done and logged: a report that cannot be built is a warning, not a failed demo
+            page, _ = build_report(result.tracking_uri, default_out_dir(cfg.run.workdir, [cfg.tracking.experiment], None),
+                                   experiments=[cfg.tracking.experiment])
+            results["report"] = str(page)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+        except Exception as exc:  # noqa: BLE001 - any failure of the report
+            page = f"not built ({type(exc).__name__}: {exc}); try 'apexdistill dashboard --workdir {cfg.run.workdir}'"
         print(f"MLflow: run {result.mlflow_run_id} in {result.tracking_uri}")
         print(f"report: {page}  (open it in a browser; 'apexdistill dashboard --serve' adds the MLflow UI)")
     return results
@@ -107,7 +110,8 @@ def _log_to_mlflow(result, rows, floor_fd, grid, results, speed) -> None:
 
     logger = RunLogger(result.tracking_uri, result.mlflow_run_id)
     student = [r for r in rows if r.model.startswith("student")]
-    log_eval_rows(logger, student, floor_fd)
-    log_eval_rows(logger, [r for r in rows if r.model.startswith("teacher")], floor_fd, prefix="teacher")
+    step = int(results["train_steps"])  # the final step: the latest value of eval/* in the run
+    log_eval_rows(logger, student, floor_fd, step=step)
+    log_eval_rows(logger, [r for r in rows if r.model.startswith("teacher")], floor_fd, prefix="teacher", step=step)
     logger.log_artifacts(grid.parent, "demo")
-    logger.log_metrics({"demo/total_minutes": results["total_minutes"], "demo/train_minutes": results["train_minutes"], **speed})
+    logger.log_metrics({"demo/total_minutes": results["total_minutes"], "demo/train_minutes": results["train_minutes"], **speed}, step)

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from apexdistill.train.driver import WORKER_ENV
+
 SUBCOMMANDS = {"train", "sweep", "preprocess", "evaluate", "sample", "export", "demo", "dashboard"}
 EXCLUDES = [".git", ".venv", "venv", "apex-runs", "**/__pycache__", "*.egg-info", ".pytest_cache", "test-artifacts",
             "mlruns", "build", "dist", "*.parquet", "*.safetensors.tmp"]
@@ -91,8 +93,7 @@ def runtime_env(working_dir: Path, extra_env: dict[str, str] | None = None) -> d
     env: dict[str, Any] = {
         "working_dir": str(working_dir),
         "excludes": list(EXCLUDES),
-        "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
-                     "PYTHONUNBUFFERED": "1", **(extra_env or {})},
+        "env_vars": {**WORKER_ENV, "PYTHONUNBUFFERED": "1", **(extra_env or {})},
     }
     package = working_dir / "platform" / "apexdistill"
     if package.is_dir():
@@ -112,6 +113,21 @@ def _client(address: str) -> Any:
                 f"(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token; on the head: 'ray get-auth-token')") from None
         raise SubmitError(f"cannot reach the Ray Jobs API at {address} ({exc}); is the cluster up "
                           f"('ray up ray_cluster.yaml', then 'ray dashboard ray_cluster.yaml' for a tunnel)?") from None
+
+
+class _JobsApi:
+    """Errors of Ray's Jobs API (a RuntimeError with the HTTP answer) as a SubmitError that says what failed."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        if exc is not None and isinstance(exc, RuntimeError) and not isinstance(exc, SubmitError):
+            raise SubmitError(f"{self.what}: {exc}") from None
+        return False
 
 
 def submit(address: str, command: list[str], working_dir: str | Path = ".", submission_id: str | None = None,
@@ -137,8 +153,9 @@ def submit(address: str, command: list[str], working_dir: str | Path = ".", subm
         n = 2
         while job_id in jobs:
             job_id, n = f"{base}-{n}", n + 1
-        client.submit_job(entrypoint=entry, submission_id=job_id, runtime_env=runtime_env(wd, extra_env),
-                          metadata={"apexdistill": "1", "working_dir": str(wd)})
+        with _JobsApi(f"submitting {job_id} to {address}"):
+            client.submit_job(entrypoint=entry, submission_id=job_id, runtime_env=runtime_env(wd, extra_env),
+                              metadata={"apexdistill": "1", "working_dir": str(wd)})
         print(f"[submit] {job_id}: {entry}", flush=True)
     print(f"[submit] status: apexdistill job status {job_id} --address {address}\n"
           f"[submit] logs:   apexdistill job logs {job_id} --address {address} --follow\n"
@@ -177,6 +194,11 @@ def wait(client: Any, job_id: str, timeout: float = 60.0) -> str:
 
 def job_command(action: str, job_id: str | None, address: str, follow: bool = False) -> int:
     client = _client(address)
+    with _JobsApi(f"job {action} {job_id or ''} at {address}".replace("  ", " ")):
+        return _job_command(client, action, job_id, address, follow)
+
+
+def _job_command(client: Any, action: str, job_id: str | None, address: str, follow: bool) -> int:
     if action == "list":
         for j in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
             print(f"{j.submission_id or j.job_id:<40} {str(j.status):<10} {j.entrypoint}")

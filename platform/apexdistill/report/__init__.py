@@ -13,10 +13,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from apexdistill.report.collect import ReportError, collect
-from apexdistill.report.render import render
+from apexdistill.report.collect import ReportError
+from apexdistill.report.collect import collect as collect_report  # not re-bound as `collect`: that is the submodule
+from apexdistill.report.render import render as render_report
 
-__all__ = ["ReportError", "build_report", "collect", "render", "default_out_dir"]
+__all__ = ["ReportError", "build_report", "collect_report", "render_report", "default_out_dir"]
 
 
 def _slug(text: str) -> str:
@@ -30,8 +31,8 @@ def default_out_dir(workdir: str | Path, experiments: list[str] | None, sweep: s
 
 def build_report(uri: str, out_dir: str | Path, experiments: list[str] | None = None, sweep: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Write ``out_dir/index.html`` and ``out_dir/report.json``; return the page's path and the data."""
-    data = collect(uri, experiments, sweep)
-    page = render(data)
+    data = collect_report(uri, experiments, sweep)
+    page = render_report(data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("report.json", json.dumps(data, indent=1, default=str)), ("index.html", page)):

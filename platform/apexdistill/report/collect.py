@@ -76,9 +76,9 @@ def select_runs(client: Any, experiments: list[str] | None, sweep: str | None) -
         if parent.data.tags.get("apexdistill.kind") != "sweep":
             raise ReportError(f"--sweep {sweep}: run '{parent.info.run_name}' is not a sweep's parent run "
                               f"(no tag apexdistill.kind=sweep); pass the parent run id printed by 'apexdistill sweep'")
-        exp = client.get_experiment(parent.info.experiment_id)
-        children = _search(client, [exp.experiment_id], f"tags.mlflow.parentRunId = '{sweep}'")
-        return [exp], [parent, *children]
+        children = _children(client, sweep)
+        ids = {parent.info.experiment_id, *(c.info.experiment_id for c in children)}
+        return [client.get_experiment(i) for i in sorted(ids)], [parent, *children]
     if experiments:
         exps = []
         for name in experiments:
@@ -89,10 +89,38 @@ def select_runs(client: Any, experiments: list[str] | None, sweep: str | None) -
             exps.append(exp)
     else:
         exps = [e for e in client.search_experiments() if e.name != "Default" or _search(client, [e.experiment_id], "", 1)]
-    runs = _search(client, [e.experiment_id for e in exps], "") if exps else []
+    runs = with_sweep_relatives(client, _search(client, [e.experiment_id for e in exps], "")) if exps else []
     if not runs:
         raise ReportError("the tracking store has no runs to report" + (f" in {', '.join(e.name for e in exps)}" if exps else ""))
     return exps, runs
+
+
+def _children(client: Any, parent_id: str) -> list[Any]:
+    """A sweep's trials, in whichever experiment they were logged (sweeps made before the parent moved
+    to its trials' experiment have them elsewhere)."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return _search(client, ids, f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def with_sweep_relatives(client: Any, runs: list[Any]) -> list[Any]:
+    """Add the trials of every sweep parent and the sweep parent of every trial that the selection missed."""
+    have = {r.info.run_id for r in runs}
+    out = list(runs)
+    for run in runs:
+        if run.data.tags.get("apexdistill.kind") == "sweep":
+            out += [c for c in _children(client, run.info.run_id) if c.info.run_id not in have]
+            have.update(r.info.run_id for r in out)
+    for run in list(out):
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        if parent_id and parent_id not in have:
+            try:
+                parent = client.get_run(parent_id)
+            except Exception:  # noqa: BLE001 - a deleted parent
+                continue
+            if parent.data.tags.get("apexdistill.kind") == "sweep":
+                out.append(parent)
+                have.add(parent_id)
+    return out
 
 
 def _search(client: Any, experiment_ids: list[str], query: str, limit: int | None = None) -> list[Any]:
@@ -140,6 +168,7 @@ def run_row(run: Any, experiment_names: dict[str, str]) -> dict[str, Any]:
         "start_time": info.start_time,
         "duration_s": (end - info.start_time) / 1000 if end and info.start_time else None,
         "metrics": {k: v for k, v in data.metrics.items() if _finite(v) is not None},
+        "metric_keys": sorted(data.metrics),
     }
 
 
@@ -275,14 +304,19 @@ def curves(client: Any, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, 
     """metric -> one series per run ({name, run_id, points [[step, value], ...]}), thinned to MAX_POINTS."""
     keys = list(CURVE_KEYS)
     for r in rows:
-        keys += sorted(k for k in r["metrics"] if k.startswith("loss_") and k not in keys)
+        keys += sorted(k for k in r["metric_keys"] if k.startswith("loss_") and k not in keys)
     out: dict[str, list[dict[str, Any]]] = {}
     for key in keys:
         series = []
         for r in rows:
-            if key not in r["metrics"]:
+            if key not in r["metric_keys"]:
                 continue
-            history = sorted((m.step, m.value) for m in client.get_metric_history(r["run_id"], key) if _finite(m.value) is not None)
+            # one value per step, the last logged (a resumed run replays steps); non-finite values dropped
+            latest: dict[int, tuple[int, float]] = {}
+            for m in client.get_metric_history(r["run_id"], key):
+                if m.step not in latest or m.timestamp >= latest[m.step][0]:
+                    latest[m.step] = (m.timestamp, m.value)
+            history = [(step, v) for step, (_, v) in sorted(latest.items()) if _finite(v) is not None]
             if len(history) < 2:
                 continue
             stride = max(1, len(history) // MAX_POINTS)
@@ -337,7 +371,7 @@ def collect(uri: str, experiments: list[str] | None = None, sweep: str | None = 
     """Everything the report shows, from the store at ``uri``."""
     from mlflow import MlflowClient
 
-    from apexdistill.tracking import _quiet_store_logs, check_reachable
+    from apexdistill.tracking import _quiet_store_logs, check_reachable, redact_uri
 
     check_reachable(uri)
     _quiet_store_logs()
@@ -359,11 +393,11 @@ def collect(uri: str, experiments: list[str] | None = None, sweep: str | None = 
     title = f"sweep {sweeps[0]['name']}" if sweep and sweeps else ", ".join(e.name for e in exps)
     return {
         "title": title,
-        "tracking_uri": uri,
+        "tracking_uri": redact_uri(uri),
         "generated_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "experiments": [e.name for e in exps],
         "param_columns": shown_params(trials or rows, extra),
-        "runs": [{k: v for k, v in r.items() if k not in ("metrics", "tags")} for r in rows],
+        "runs": [{k: v for k, v in r.items() if k not in ("metrics", "metric_keys", "tags")} for r in rows],
         "sweeps": sweeps,
         "curves": curves(client, ranked[:MAX_CURVE_RUNS]),
         "samples": sample_grids(client, ranked),

@@ -27,30 +27,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServeError(ValueError):
+    """The MLflow UI could not be started (reported as a clear error, not a traceback)."""
+
+
 def start_mlflow_ui(uri: str, port: int, log_file: Path, timeout: float = 90.0, artifacts: Path | None = None) -> subprocess.Popen:
     """``mlflow server`` against the store at ``uri`` on 127.0.0.1:port; returns once /health answers.
     New experiments keep their artifacts in ``artifacts`` (default: next to a SQLite database, else
-    beside the log file), never in the current directory."""
+    beside the log file), never in the current directory. Whatever goes wrong on the way (including
+    Ctrl-C during the wait), the server is stopped before the error propagates."""
     if artifacts is None:
         artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else log_file.parent / "mlartifacts"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
            "--workers", "1", "--artifacts-destination", str(artifacts)]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    log = log_file.open("ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=log_file.parent)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            tail = log_file.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the MLflow UI exited with code {proc.returncode} at start-up ({log_file}):\n{tail}")
-        try:
-            with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError(f"the MLflow UI did not answer on http://{HOST}:{port} within {timeout:.0f} s; see {log_file}")
+    with log_file.open("ab") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=log_file.parent)
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never goes through a proxy
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                tail = log_file.read_text(errors="replace")[-2000:]
+                raise ServeError(f"the MLflow UI exited with code {proc.returncode} at start-up ({log_file}):\n{tail}")
+            try:
+                with no_proxy.open(f"http://{HOST}:{port}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return proc
+            except OSError:
+                time.sleep(0.5)
+        raise ServeError(f"the MLflow UI did not answer on http://{HOST}:{port} within {timeout:.0f} s; see {log_file}")
+    except BaseException:
+        stop(proc)
+        raise
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -76,32 +85,39 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve(uri: str, report_dir: Path, mlflow_port: int = 0, report_port: int = 0) -> None:
-    """Start both servers, print their addresses, block until Ctrl-C (or SIGTERM), stop both. A store
-    that is already a tracking server (http://...) has its own UI: only the report is served then."""
+def serve(uri: str, report_dir: Path, mlflow_port: int = 0, report_port: int = 0) -> int:
+    """Start both servers, print their addresses, block until Ctrl-C (or SIGTERM), stop both; returns
+    the exit code (1 if the MLflow UI died on its own). A store that is already a tracking server
+    (http://...) has its own UI: only the report is served then."""
+    from apexdistill.tracking import redact_uri
+
+    signal.signal(signal.SIGTERM, _interrupt)  # before anything starts: SIGTERM unwinds like Ctrl-C
     proc = None
-    if uri.startswith(("http://", "https://")):
-        ui = uri.rstrip("/")
-    else:
-        mlflow_port = mlflow_port or free_port()
-        proc = start_mlflow_ui(uri, mlflow_port, report_dir / "mlflow-ui.log")
-        ui = f"http://{HOST}:{mlflow_port}"
-    handler = functools.partial(_Quiet, directory=str(report_dir))
-    httpd = http.server.ThreadingHTTPServer((HOST, report_port), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    signal.signal(signal.SIGTERM, _interrupt)
+    httpd = None
+    code = 0
     try:
-        print(f"[dashboard] MLflow UI: {ui}" + (f" (store {uri}, pid {proc.pid})" if proc else " (the tracking server's own)"), flush=True)
+        if uri.startswith(("http://", "https://")):
+            ui = uri.rstrip("/")
+        else:
+            mlflow_port = mlflow_port or free_port()
+            proc = start_mlflow_ui(uri, mlflow_port, report_dir / "mlflow-ui.log")
+            ui = f"http://{HOST}:{mlflow_port}"
+        handler = functools.partial(_Quiet, directory=str(report_dir))
+        httpd = http.server.ThreadingHTTPServer((HOST, report_port), handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        print(f"[dashboard] MLflow UI: {ui}" + (f" (store {redact_uri(uri)}, pid {proc.pid})" if proc else " (the tracking server's own)"), flush=True)
         print(f"[dashboard] report:    http://{HOST}:{httpd.server_address[1]}/index.html", flush=True)
         print(f"[dashboard] Ctrl-C stops {'both' if proc else 'the report server'}", flush=True)
         while proc is None or proc.poll() is None:
             time.sleep(0.5)
         print(f"[dashboard] the MLflow UI exited with code {proc.returncode}; see {report_dir / 'mlflow-ui.log'}", flush=True)
+        code = 1
     except KeyboardInterrupt:
         print("\n[dashboard] stopping", flush=True)
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
         if proc is not None:
             stop(proc)
+    return code

@@ -47,6 +47,18 @@ def resolve_uri(cfg: Config) -> str:
     return f"sqlite:///{(Path(cfg.run.workdir).resolve() / 'mlflow.db')}"
 
 
+def redact_uri(uri: str) -> str:
+    """The URI with its password masked, for anything printed or written (reports, logs)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:")
 
@@ -78,7 +90,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any driver error means "cannot log there"
-        raise TrackingError(f"MLflow tracking store {uri} cannot be used: {exc}") from None
+        raise TrackingError(f"MLflow tracking store {redact_uri(uri)} cannot be used: {str(exc).replace(uri, redact_uri(uri))}") from None
 
 
 def git_commit(start: Path | None = None) -> str:

@@ -45,6 +45,11 @@ def clear_run(cfg: Config) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# every Ray process of ours: offline models, Train V2, worker prints once (not again through Train's logger)
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
+              "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Start (or join) Ray once per process, quietly, with offline workers."""
     import ray
@@ -57,9 +62,7 @@ def ensure_ray(address: str | None = None) -> None:
         # Ray Train V2 watches its controller through the state API, which the dashboard serves
         "include_dashboard": True, "dashboard_host": "127.0.0.1",
     }
-    env_vars = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
-                # worker prints go to stdout once, not again through Train's logger
-                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env_vars = dict(WORKER_ENV)
     # inside a submitted Ray job, Ray refuses a key that the job's runtime env sets too: the job's wins
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
     env_vars = {k: v for k, v in env_vars.items() if k not in (job.get("env_vars") or {})}
@@ -74,11 +77,17 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def connect(cfg: Config, address: str | None = None) -> None:
-    """Start or join Ray; on a multi-node cluster (a remote ``address``, or more than one node once
-    connected) refuse the setups that cannot work across machines before any work starts."""
+    """Start or join Ray; on a multi-node cluster refuse the setups that cannot work across machines
+    before any work starts. Multi-node: a remote ``address``, more than one node once connected, or a
+    run that needs more than the only node has (its workers will come from nodes the autoscaler adds).
+    Checked when this process joins Ray (trials inside a sweep inherit it)."""
+    import ray
+
     from apexdistill.cluster import check_cluster, check_multinode, is_remote_address
     from apexdistill.tracking import resolve_uri
 
+    if ray.is_initialized():
+        return
     uri = resolve_uri(cfg) if cfg.tracking.enabled else None
     address = address or os.environ.get("RAY_ADDRESS")
     if is_remote_address(address):
@@ -125,10 +134,11 @@ def sample_prompts(cfg: Config, cache_uri: str, limit: int = 8) -> dict[str, lis
     return {"text": text.tolist(), "mask": mask.tolist()}
 
 
-def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None) -> list[Any]:
+def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None, step: int = 0) -> list[Any]:
     """1/2/4-NFE scores of the final (EMA) weights on the built-in digits, logged into the run, with a
     sample grid (the teacher at ``eval.teacher_nfe`` above the student at each NFE, same prompts and
-    noise) and each row's ms/image on that batch (``speed/*``)."""
+    noise) and each row's ms/image on that batch (``speed/*``). Logged at the final training ``step``, so
+    they are the runs' latest values even where ``eval.every`` logged in-training scores earlier."""
     from apexdistill.eval.runner import DigitsBench, format_table
     from apexdistill.models.build import build_backbone
     from apexdistill.train.data import DataShapes, digit_caption_table
@@ -145,8 +155,8 @@ def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None) -> list[Any]
         grid_rows.insert(0, ("teacher", teacher, cfg.eval.teacher_nfe, "euler"))
     grid = bench.grid(grid_rows, run_folder / "eval" / "samples.png")
     if logger is not None:
-        log_eval_rows(logger, rows, bench.evaluator.floor_fd)
-        logger.log_metrics(grid.speed_metrics())
+        log_eval_rows(logger, rows, bench.evaluator.floor_fd, step=step)
+        logger.log_metrics(grid.speed_metrics(), step)
         logger.log_artifacts(grid.path.parent, "eval")
     return rows
 
@@ -172,11 +182,11 @@ def prepare_evaluator(cfg: Config) -> None:
                     cfg.eval.feature_extractor)
 
 
-def log_eval_rows(logger: Any, rows: list[Any], floor_fd: float | None = None, prefix: str = "eval") -> None:
+def log_eval_rows(logger: Any, rows: list[Any], floor_fd: float | None = None, prefix: str = "eval", step: int = 0) -> None:
     metrics = eval_metrics(rows, prefix)
     if floor_fd is not None:
         metrics[f"{prefix}/floor_fd"] = floor_fd
-    logger.log_metrics(metrics)
+    logger.log_metrics(metrics, step)
     logger.log_dict({"rows": [r.as_dict() for r in rows], "floor_fd": floor_fd}, f"{prefix}/results.json")
 
 
@@ -191,7 +201,7 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     from ray.train.torch import TorchTrainer
 
     from apexdistill.data.preprocess import read_cache, run_preprocess
-    from apexdistill.tracking import RunLogger, close_run, open_run
+    from apexdistill.tracking import RunLogger, close_run, open_run, redact_uri
     from apexdistill.train.data import DataShapes, row_bytes
     from apexdistill.train.loop import latest_checkpoint, train_loop_per_worker
 
@@ -215,7 +225,7 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
         handle = open_run(cfg, out, tags={"apexdistill.cache_key": cache.key, **(run_tags or {})},
                           parent_run_id=parent_run_id)
         verb = "resuming" if handle.resumed else "logging to"
-        print(f"[train] MLflow: {verb} run {handle.run_id} in experiment '{cfg.tracking.experiment}' ({handle.uri})", flush=True)
+        print(f"[train] MLflow: {verb} run {handle.run_id} in experiment '{cfg.tracking.experiment}' ({redact_uri(handle.uri)})", flush=True)
     logger = RunLogger.from_handle(handle)
 
     if cfg.eval.every:  # the in-training scores need the classifier: train it here, not in every worker
@@ -266,7 +276,7 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
         evaluate = cfg.eval.at_end and cfg.data.source == "digits" and not cfg.vae.path
     if evaluate:
         print("[train] evaluating the final weights on the built-in digits", flush=True)
-        rows = evaluate_run(cfg, out, logger)
+        rows = evaluate_run(cfg, out, logger, step=int(metrics.get("step") or 0))
     if handle is not None:
         close_run(handle, "FINISHED")
     return TrainResult(run_dir=out, checkpoint_dir=checkpoint, metrics=metrics, eval_rows=rows,

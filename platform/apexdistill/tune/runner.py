@@ -113,6 +113,8 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
     from apexdistill.data.preprocess import run_preprocess
     from apexdistill.train.driver import connect, prepare_evaluator
 
+    if sweep.experiment:  # the parent lives in the same experiment as its trials
+        cfg = build_config(cfg.model_dump(mode="json"), [f"tracking.experiment={sweep.experiment}"])
     connect(cfg, address)
     folder = sweep_dir(cfg, sweep)
     folder.mkdir(parents=True, exist_ok=True)
