@@ -132,3 +132,14 @@ def test_overrides_never_modify_the_callers_dict():
     base = {"objective": {"shift": {"a": -1.0}}}
     build_config(base, ["objective.shift.learnable=true"])
     assert base == {"objective": {"shift": {"a": -1.0}}}
+
+
+def test_with_absolute_paths_resolves_local_relative_paths_only(tmp_path, monkeypatch):
+    """Sweeps hand their base config to trials that run in Tune's trial folders."""
+    from apexdistill.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(build_config({}, ["run.workdir=./runs", "data.cache_uri=s3://bucket/cache",
+                                                "model.path=builtin:teacher", "data.source=parquet", "data.path=data/x.parquet"]))
+    assert cfg.run.workdir == str(tmp_path / "runs") and cfg.data.path == str(tmp_path / "data" / "x.parquet")
+    assert cfg.data.cache_uri == "s3://bucket/cache" and cfg.model.path == "builtin:teacher"

@@ -316,6 +316,20 @@ def _check_parallel_setup(cfg: "Config") -> None:
             raise ValueError(f"train.fail_at_step={t.fail_at_step} must be below train.steps={t.steps}")
 
 
+def with_absolute_paths(cfg: "Config") -> "Config":
+    """The same config with every relative local path made absolute against this process's directory.
+    For configs handed to other processes that run elsewhere: Ray Tune starts each trial in its own
+    trial folder, where ``./apex-runs`` would be a new, empty work directory."""
+    updates = []
+    for key in ("run.workdir", "data.cache_uri", "data.path", "text_encoder.path", "model.path", "vae.path"):
+        section, field = key.split(".")
+        value = getattr(getattr(cfg, section), field)
+        if not value or "://" in value or value.startswith("builtin:") or Path(value).expanduser().is_absolute():
+            continue
+        updates.append(f"{key}={Path(value).expanduser().resolve()}")
+    return build_config(cfg.model_dump(mode="json"), updates) if updates else cfg
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apexdistill.config import Config, build_config, dump_yaml
+from apexdistill.config import Config, build_config, dump_yaml, with_absolute_paths
 from apexdistill.tune.sweep import SweepConfig
 
 
@@ -115,6 +115,9 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
 
     if sweep.experiment:  # the parent lives in the same experiment as its trials
         cfg = build_config(cfg.model_dump(mode="json"), [f"tracking.experiment={sweep.experiment}"])
+    # trials run in Tune's trial folders: a relative ./apex-runs there is a new work directory with no
+    # cache, whose rebuild by two trials at once starves Ray Data of CPUs (seen: a sweep stuck for minutes)
+    cfg = with_absolute_paths(cfg)
     connect(cfg, address)
     folder = sweep_dir(cfg, sweep)
     folder.mkdir(parents=True, exist_ok=True)
