@@ -313,3 +313,25 @@ def test_single_node_clusters_that_will_grow_are_checked_too(tmp_path):
     cpu = build_config({}, [f"run.workdir={tmp_path}", "train.num_workers=2", "train.cpus_per_worker=0.45", "train.strategy=ddp"])
     check_cluster(cpu, sqlite, "127.0.0.1:6379", nodes=[{"Alive": True, "Resources": {"CPU": 2.0}}])
     check_cluster(gpu, sqlite, None, nodes=[{"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0}}])
+
+
+def test_resubmitting_a_running_job_follows_it_instead_of_starting_a_copy(ray_head, job_workdir, capsys):
+    cfg = _job_config(job_workdir)
+    head = ["submit", "--address", ray_head, "--working-dir", str(ROOT)]
+    command = ["--", "train", "-c", str(cfg), "run.name=tiny-twice"]
+    assert main([*head, *command]) == 0  # returns at once, the job pending or running
+    # the same run name with another command while it runs: refused, nothing submitted
+    assert main([*head, *command, "train.log_every=1"]) == 2
+    refused = capsys.readouterr().err
+    assert "apexdistill-tiny-twice is still" in refused and "with another command" in refused
+    # the same command again: followed, not submitted twice
+    assert main([*head, "--follow", *command]) == 0
+    out = capsys.readouterr().out
+    assert "apexdistill-tiny-twice is already" in out and "following it" in out and "finished: SUCCEEDED" in out
+    from ray.job_submission import JobSubmissionClient
+
+    ids = [j.submission_id for j in JobSubmissionClient(ray_head).list_jobs()]
+    assert ids.count("apexdistill-tiny-twice") == 1 and "apexdistill-tiny-twice-2" not in ids
+    # an unknown job id is a clear error
+    assert main(["job", "status", "no-such-job", "--address", ray_head]) == 2
+    assert "job status no-such-job" in capsys.readouterr().err

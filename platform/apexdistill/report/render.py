@@ -87,15 +87,20 @@ def _heat_color(value: float, lo: float, hi: float, mode: str) -> str:
     return "#" + "".join(f"{round(x + (y - x) * u):02x}" for x, y in zip(a, b))
 
 
+def _axis(v: Any) -> str:
+    """A grid value as the sweep file wrote it: 0.1, 10, 1e-05 (not 0.1000, 10.0000, 0.0000)."""
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else esc(v)
+
+
 def heatmap_table(h: dict[str, Any], sweep_name: str) -> str:
     lo, hi = h["range"] or (0.0, 0.0)
     out = [f'<table class="heatmap" data-sweep="{esc(sweep_name)}"><caption>{esc(h["metric"])} '
            f'({"lower" if h["mode"] == "min" else "higher"} is better): rows {esc(h["y_key"])}, columns {esc(h["x_key"])}'
            f'</caption><thead><tr><th>{esc(h["y_key"].rsplit(".", 1)[-1])} \\ {esc(h["x_key"].rsplit(".", 1)[-1])}</th>']
-    out += [f"<th>{num(x, 4) if isinstance(x, float) else esc(x)}</th>" for x in h["x_values"]]
+    out += [f"<th>{_axis(x)}</th>" for x in h["x_values"]]
     out.append("</tr></thead><tbody>")
     for y, row in zip(h["y_values"], h["cells"]):
-        out.append(f"<tr><th>{num(y, 4) if isinstance(y, float) else esc(y)}</th>")
+        out.append(f"<tr><th>{_axis(y)}</th>")
         for cell in row:
             if cell is None:
                 out.append('<td class="heat-empty" data-value="">no finished trial</td>')
