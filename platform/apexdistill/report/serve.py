@@ -37,7 +37,9 @@ def start_mlflow_ui(uri: str, port: int, log_file: Path, timeout: float = 90.0, 
     beside the log file), never in the current directory. Whatever goes wrong on the way (including
     Ctrl-C during the wait), the server is stopped before the error propagates."""
     if artifacts is None:
-        artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else log_file.parent / "mlartifacts"
+        from apexdistill.tracking import sqlite_artifact_dir
+
+        artifacts = sqlite_artifact_dir(uri) if uri.startswith("sqlite:///") else log_file.parent / "mlartifacts"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
            "--workers", "1", "--artifacts-destination", str(artifacts)]
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,7 @@ def serve(uri: str, report_dir: Path, mlflow_port: int = 0, report_port: int = 0
     from apexdistill.tracking import redact_uri
 
     signal.signal(signal.SIGTERM, _interrupt)  # before anything starts: SIGTERM unwinds like Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &` in a script)
     proc = None
     httpd = None
     code = 0

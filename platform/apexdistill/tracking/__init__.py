@@ -59,6 +59,11 @@ def redact_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def sqlite_artifact_dir(uri: str) -> Path:
+    """Where a SQLite store's artifacts live: ``mlartifacts`` next to the database file."""
+    return (Path(uri.split("sqlite:///", 1)[-1]).parent / "mlartifacts").resolve()
+
+
 def _is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:")
 
@@ -111,7 +116,7 @@ def get_or_create_experiment(client: Any, cfg: Config, uri: str) -> str:
         return exp.experiment_id
     location = None
     if _is_local_store(uri):  # keep artifacts next to the database, not in the current directory
-        location = (Path(uri.split("sqlite:///", 1)[-1]).parent / "mlartifacts").resolve().as_uri()
+        location = sqlite_artifact_dir(uri).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # noqa: BLE001 - created concurrently by another job (a sweep's trials)
