@@ -1,6 +1,7 @@
 """Build a backbone from config: a tiny preset, or a transformer from a local diffusers folder
-(a real checkpoint or one written by ``models.pipeline.save_pipeline``: the same code path), then
-LoRA when ``model.lora.enabled``."""
+(a stock pipeline folder, a real checkpoint or one written by ``apexdistill export``: the same code
+path), then LoRA when ``model.lora.enabled``. The family (``models/<family>.py``) supplies the
+transformer class, the adapter and the presets."""
 
 from __future__ import annotations
 
@@ -9,16 +10,8 @@ from pathlib import Path
 
 from apexdistill.assets import resolve_model_path
 from apexdistill.config import ModelConfig
-from apexdistill.models.backbone import (
-    CLASS_NAMES,
-    FAMILIES,
-    TARGET_TIME_WEIGHTS,
-    Backbone,
-    family_of,
-    load_target_time,
-    preset_config,
-    transformer_class,
-)
+from apexdistill.models.backbone import TARGET_TIME_WEIGHTS, Backbone, load_target_time
+from apexdistill.models.family import all_families, family_of_transformer_class, get_family
 
 
 def resolve_part_folder(path: str | Path, part: str, field: str) -> Path:
@@ -42,22 +35,25 @@ def _check_class(folder: Path, family: str) -> None:
         class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"model.path: cannot read '{folder / 'config.json'}': {exc}") from None
-    if class_name and class_name != CLASS_NAMES[family]:
-        other = family_of(class_name)
-        hint = f"; set model.backbone={other}" if other else f" (supported: {sorted(CLASS_NAMES.values())})"
-        raise ValueError(f"model.backbone is '{family}' ({CLASS_NAMES[family]}) but '{folder}' holds a {class_name}{hint}")
+    expected = get_family(family).transformer_class
+    if class_name and class_name != expected:
+        other = family_of_transformer_class(class_name)
+        hint = (f"; set model.backbone={other.name}" if other
+                else f" (supported: {sorted(f.transformer_class for f in all_families())})")
+        raise ValueError(f"model.backbone is '{family}' ({expected}) but '{folder}' holds a {class_name}{hint}")
 
 
 def build_backbone(cfg: ModelConfig, in_channels: int, sample_size: int, text_dim: int) -> Backbone:
-    cls = transformer_class(cfg.backbone)
+    family = get_family(cfg.backbone)
+    cls = family.transformer_cls()
     folder: Path | None = None
     if cfg.path:
         folder = resolve_transformer_folder(resolve_model_path(cfg.path))  # 'builtin:teacher' or a folder
         _check_class(folder, cfg.backbone)
         transformer = cls.from_pretrained(str(folder), local_files_only=True)
     else:
-        transformer = cls(**preset_config(cfg.backbone, cfg.preset, in_channels, sample_size, text_dim, cfg.target_time))
-    backbone = FAMILIES[cfg.backbone](transformer, target_time=cfg.target_time)
+        transformer = cls(**family.preset_config(cfg.preset, in_channels, sample_size, text_dim, cfg.target_time))
+    backbone = family.backbone_class(transformer, target_time=cfg.target_time)
     if folder is not None and (folder / TARGET_TIME_WEIGHTS).is_file():
         if not cfg.target_time:
             raise ValueError(

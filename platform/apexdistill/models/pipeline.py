@@ -24,7 +24,8 @@ from typing import Any
 from safetensors.torch import save_file
 
 from apexdistill.config import ModelConfig
-from apexdistill.models.backbone import CLASS_NAMES, TARGET_TIME_WEIGHTS, Backbone, family_of
+from apexdistill.models.backbone import TARGET_TIME_WEIGHTS, Backbone
+from apexdistill.models.family import family_of_transformer_class, get_family
 from apexdistill.models.vae import PixelSpace, Vae
 
 META_FILE = "apexdistill.json"
@@ -93,7 +94,7 @@ def save_pipeline(
         meta = {
             "format": META_FORMAT,
             "family": backbone.family,
-            "transformer_class": CLASS_NAMES[backbone.family],
+            "transformer_class": get_family(backbone.family).transformer_class,
             "target_time": bool(backbone.target_time),
             "in_channels": backbone.in_channels,
             "text_dim": backbone.text_dim,
@@ -150,7 +151,7 @@ def load_pipeline_parts(folder: str | Path) -> dict[str, Any]:
         "vae": folder / "vae" if (folder / "vae" / "config.json").is_file() else None,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
-        "family": meta.get("family") or family_of(config.get("_class_name", "")),
+        "family": meta.get("family") or getattr(family_of_transformer_class(config.get("_class_name", "")), "name", None),
         "target_time": bool(meta.get("target_time", has_target)),
         "meta": meta,
     }
