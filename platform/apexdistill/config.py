@@ -76,15 +76,30 @@ class DataConfig(_Section):
 
 
 class TextEncoderConfig(_Section):
-    kind: Literal["minilm", "transformers"] = "minilm"
-    path: str | None = Field(None, description="local folder of a transformers encoder (kind=transformers)")
-    max_length: int = Field(16, ge=1, le=4096)
+    kind: Literal["minilm", "transformers", "pipeline"] | None = Field(
+        None, description="minilm (built in), transformers (a local encoder folder), pipeline (a stock diffusers pipeline's own "
+        "text encoder and tokenizer, prompts encoded by its encode_prompt); default: pipeline when model.path is a pipeline "
+        "folder, else minilm")
+    path: str | None = Field(None, description="local folder of a transformers encoder, or a pipeline folder (kind=pipeline; "
+                             "default model.path)")
+    max_length: int | None = Field(None, ge=1, le=4096, description="tokens per prompt (the pipeline's max_sequence_length); "
+                                   "default 16 for MiniLM/transformers, the pipeline's own default for kind=pipeline")
+    negative_prompt: str | None = Field(None, description="kind=pipeline: the negative prompt cached for CFG (default: the "
+                                        "pipeline's; ' ' for Qwen-Image)")
+    complex_human_instruction: list[str] | None = Field(
+        None, description="Sana: lines prepended to every prompt (default: what SanaPipeline.__call__ uses; [] for none)")
 
     @model_validator(mode="after")
     def _path_needed(self) -> "TextEncoderConfig":
         if self.kind == "transformers" and not self.path:
             raise ValueError("text_encoder.path is required when text_encoder.kind='transformers' (a local folder)")
         return self
+
+
+class TeacherConfig(_Section):
+    guidance_scale: float | None = Field(None, ge=0.0, description="CFG scale of the multi-step teacher, in the pipeline's own "
+                                         "convention; default the pipeline's (Sana 4.5, Qwen-Image 4.0, Z-Image 5.0), 1 (off) "
+                                         "without a pipeline")
 
 
 class LoraConfig(_Section):
@@ -99,17 +114,20 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal["sana", "qwenimage"] = "sana"
+    backbone: Literal["sana", "qwenimage", "zimage"] = Field(
+        "sana", description="model family; with a stock pipeline folder in model.path it is read from model_index.json")
     preset: Literal["tiny", "small"] = "tiny"
     path: str | None = Field(
-        None, description="local diffusers pipeline folder (with transformer/) or transformer folder; 'builtin:teacher' = the shipped digits teacher"
+        None, description="a stock diffusers pipeline folder (model_index.json: family, transformer, VAE, text encoder and "
+        "tokenizer all come from it), a transformer folder, or 'builtin:teacher' (the shipped digits teacher)"
     )
     target_time: bool = Field(False, description="add a target-time embedding (needed by twinflow)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class VaeConfig(_Section):
-    path: str | None = Field(None, description="local AutoencoderKL folder; none = pixel space")
+    path: str | None = Field(None, description="a VAE folder or a pipeline folder (AutoencoderKL, AutoencoderDC, "
+                             "AutoencoderKLQwenImage); default: the pipeline's own when model.path is a pipeline, else pixel space")
 
 
 class ShiftConfig(_Section):
@@ -144,6 +162,10 @@ class ApexConfig(_Section):
     renoise_min: float = Field(0.02, ge=0.0, lt=1.0)
     renoise_max: float = Field(0.98, gt=0.0, le=1.0)
     correction_clamp: float = Field(1.0, gt=0)
+    guidance_ratio: float | None = Field(
+        None, ge=0.0, description="r (the released code's enhanced_ratio; CFG scale 1 + r): the real anchor's target becomes "
+        "(z - x) + r*(v_cond - v_uncond), both from the frozen base (LoRA) or the EMA, without gradient; default: the "
+        "teacher's guidance as r (pipelines), 0 without a pipeline")
     # Defaults measured on the built-in digits with the tiny Sana backbone (README, "Tuning apex"):
     # lambda_g = 1 and no generator warm-up destabilised the shared network there.
     lambda_g: float = Field(0.2, ge=0, description="weight of the generator term L_gen")
@@ -272,6 +294,7 @@ class Config(_Section):
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     vae: VaeConfig = Field(default_factory=VaeConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -280,6 +303,10 @@ class Config(_Section):
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
         _check_parallel_setup(self)
+        if (self.objective.name == "apex" and (self.objective.apex.guidance_ratio or 0) > 0 and not self.model.lora.enabled
+                and self.train.ema_decay == 0):
+            raise ValueError("objective.apex.guidance_ratio > 0 takes its guidance from the frozen base (model.lora.enabled=true) "
+                             "or the EMA (train.ema_decay > 0): enable one, or set objective.apex.guidance_ratio=0")
         if self.objective.name == "twinflow":
             if self.objective.shift.learnable:
                 raise ValueError("objective.name='twinflow' uses a fixed condition shift: set objective.shift.learnable=false")
@@ -412,9 +439,45 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
             value = text.split("=", 1)[1].strip()  # run.name=2024 or data.path=no stay text
         _set_dotted(tree, key, value)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    return resolve_defaults(cfg)
+
+
+DEFAULT_TEXT_LENGTH = 16  # MiniLM / transformers encoders
+
+
+def resolve_defaults(cfg: "Config") -> "Config":
+    """Fill the defaults that depend on other settings: with a stock pipeline folder in
+    ``model.path`` the family, text encoder, VAE, prompt length, teacher guidance and guidance ratio
+    come from the pipeline (``apexdistill.models.pipeline.pipeline_defaults``, which also refuses a
+    pipeline that cannot work, naming what is wrong); otherwise MiniLM at 16 tokens, no guidance."""
+    tree = cfg.model_dump(mode="json")
+    folder = cfg.model.path
+    if folder and "://" not in folder and not folder.startswith("builtin:") and (Path(folder).expanduser() / "model_index.json").is_file():
+        from apexdistill.models.pipeline import pipeline_defaults  # reads model_index.json and the family's defaults
+
+        explicit = {
+            "model.backbone": "backbone" in cfg.model.model_fields_set,
+            "text_encoder.kind": cfg.text_encoder.kind is not None,
+            "vae.path": cfg.vae.path is not None,
+            "data.channels": cfg.data.channels is not None,
+        }
+        try:
+            updates = pipeline_defaults(cfg, explicit)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(str(exc)) from None
+    else:
+        updates = {
+            "text_encoder.kind": cfg.text_encoder.kind or "minilm",
+            "text_encoder.max_length": cfg.text_encoder.max_length or DEFAULT_TEXT_LENGTH,
+            "teacher.guidance_scale": 1.0 if cfg.teacher.guidance_scale is None else cfg.teacher.guidance_scale,
+            "objective.apex.guidance_ratio": cfg.objective.apex.guidance_ratio or 0.0,
+        }
+    for key, value in updates.items():
+        _set_dotted(tree, key, value)
+    return Config.model_validate(tree)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -4,6 +4,7 @@ Layout under a cache URI (local folder or fsspec URI)::
 
     CACHE_URI/<key>/data/*.parquet   rows: x, text, text_mask, caption, label, row_id
     CACHE_URI/<key>/rejects.parquet  row_id, file, reason, detail (possibly empty)
+    CACHE_URI/<key>/negative.safetensors  the negative prompt's text states (1, L, D) and mask (1, L), for CFG
     CACHE_URI/<key>/manifest.json    written last: its presence (complete, right version) makes a hit
     CACHE_URI/.tmp-<key>-<uuid>/     a build in progress (or a crashed one: never a hit, cleaned up)
     CACHE_URI/failed-<key>/rejects.parquet   rejects of the last build that failed the reject threshold
@@ -29,9 +30,10 @@ from apexdistill.config import Config
 from apexdistill.data.sources import Source, is_local_fs, list_files, listing_fingerprint, open_fs
 
 # Bump when decoding, resizing, scaling or the row schema change: old caches stop matching.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: negative.safetensors (the unconditional embedding) next to the rows
 MANIFEST = "manifest.json"
 REJECTS = "rejects.parquet"
+NEGATIVE = "negative.safetensors"
 DATA = "data"
 FORMAT = "apexdistill-cache"
 
@@ -63,8 +65,17 @@ def _folder_digest(folder: Path) -> dict[str, Any]:
 
 def text_encoder_identity(cfg: Config) -> dict[str, Any]:
     """What the text encoder contributes to the key, without loading it. ``identity`` has the same
-    form as ``TextEncoder.identity`` (the actors check that they agree)."""
+    form as the encoder's own ``identity`` (the actors check that they agree). A pipeline's encoder
+    is identified with its tokenizer, its family's prompt settings (instruction, negative prompt)."""
     te = cfg.text_encoder
+    if te.kind == "pipeline":
+        from apexdistill.models.text import pipeline_encoder_info
+
+        info = pipeline_encoder_info(te, cfg.model.backbone)
+        path, dim = info["text_encoder"], info["dim"]
+        weights = {"text_encoder": _folder_digest(path), "tokenizer": _folder_digest(info["tokenizer"])}
+        return {"identity": info["identity"], "path": str(info["pipeline"]), "dim": dim, "max_length": te.max_length,
+                "weights": weights, "negative_prompt": info["negative_prompt"], "settings": info["settings"]}
     if te.kind == "transformers" and te.path:
         path = Path(te.path)
     else:  # the default MiniLM, as models.text.minilm_path() finds it (without importing torch: hits stay cheap)
@@ -78,7 +89,7 @@ def text_encoder_identity(cfg: Config) -> dict[str, Any]:
     if not dim:
         raise ValueError(f"text_encoder.path: '{path}/config.json' has no hidden_size")
     return {"identity": f"{path.name}:d{int(dim)}:L{te.max_length}", "path": str(path), "dim": int(dim),
-            "max_length": te.max_length, "weights": _folder_digest(path)}
+            "max_length": te.max_length, "weights": _folder_digest(path), "negative_prompt": te.negative_prompt or ""}
 
 
 def vae_identity(cfg: Config) -> dict[str, Any]:
@@ -86,20 +97,15 @@ def vae_identity(cfg: Config) -> dict[str, Any]:
     channels, res = cfg.data.image_channels, cfg.data.resolution
     if not cfg.vae.path:
         return {"identity": f"pixels:c{channels}", "path": None, "x_shape": [channels, res, res]}
-    from apexdistill.models.vae import resolve_vae_folder
+    from apexdistill.models.vae import read_vae_config
 
-    folder = resolve_vae_folder(cfg.vae.path)
-    conf = _read_json(folder / "config.json", "vae.path")
-    if conf.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ValueError(f"vae.path: '{folder}' holds a {conf.get('_class_name')}; only AutoencoderKL is supported")
-    if int(conf.get("in_channels", 3)) != channels:
-        raise ValueError(f"vae.path: the VAE at '{folder}' takes {conf.get('in_channels', 3)}-channel images, data.channels is {channels}")
-    latent = int(conf.get("latent_channels", 4))
-    down = 2 ** (len(conf.get("block_out_channels", [64])) - 1)
+    folder, conf, cls = read_vae_config(cfg.vae.path)
+    if cls.config_image_channels(conf) != channels:
+        raise ValueError(f"vae.path: the VAE at '{folder}' takes {cls.config_image_channels(conf)}-channel images, data.channels is {channels}")
+    latent, down = cls.config_channels(conf), cls.config_downsample(conf)
     if res % down:
         raise ValueError(f"data.resolution={res} is not divisible by the VAE's downsampling factor {down}")
-    scaling, shift = float(conf.get("scaling_factor", 0.18215)), float(conf.get("shift_factor") or 0.0)
-    return {"identity": f"{folder.name}:c{latent}:f{down}:s{scaling:g}:b{shift:g}", "path": str(folder),
+    return {"identity": cls.config_identity(folder.name, conf), "path": str(folder),
             "x_shape": [latent, res // down, res // down], "weights": _folder_digest(folder)}
 
 
@@ -130,6 +136,8 @@ def cache_spec(cfg: Config, source: Source) -> CacheSpec:
         "preprocess_version": PREPROCESS_VERSION,
         "source": source.fingerprint(),
         "text_encoder": {k: text[k] for k in ("identity", "max_length", "weights")},
+        # the negative (unconditional) embedding cached next to the rows
+        "negative": {"prompt": text["negative_prompt"], "settings": text.get("settings")},
         "vae": {k: vae.get(k) for k in ("identity", "weights")},
         "resolution": cfg.data.resolution,
         "channels": cfg.data.image_channels,

@@ -30,7 +30,7 @@ import numpy as np
 import ray
 
 from apexdistill.config import Config
-from apexdistill.data.cache import DATA, REJECTS, CacheSpec, CacheStore, build_manifest, cache_spec, default_cache_uri, read_complete_manifest
+from apexdistill.data.cache import DATA, NEGATIVE, REJECTS, CacheSpec, CacheStore, build_manifest, cache_spec, default_cache_uri, read_complete_manifest
 from apexdistill.data.sources import SourcePlan, arrow_fs, build_source, open_fs, read_parquet_fragment, reject, worker_visible
 
 # Name of an optional Ray actor that counts encoder-actor constructions (tests and tools create it
@@ -150,6 +150,13 @@ class _BuildStats:
         self.rejects: dict[str, dict[str, str]] = {}
         self.truncated: set[str] = set()
         self.encoders: Counter = Counter()
+        self.negative: dict[str, Any] | None = None
+
+    def set_negative(self, negative: dict[str, Any]) -> None:
+        self.negative = negative
+
+    def get_negative(self) -> dict[str, Any] | None:
+        return self.negative
 
     def add_rejects(self, rows: list[dict[str, str]]) -> None:
         for row in rows:
@@ -274,17 +281,22 @@ def encode_text(encoder: Any, captions: list[str]) -> tuple[np.ndarray, np.ndarr
 
 
 class TextEncodeStage:
-    """Actor: holds the text encoder, adds ``text`` and ``text_mask`` to each batch."""
+    """Actor: holds the text encoder (a pipeline's own, or MiniLM), adds ``text`` and ``text_mask``
+    to each batch; the first actor also hands the negative prompt's embedding to the stats actor."""
 
-    def __init__(self, path: str, max_length: int, identity: str, device: str, stats: Any) -> None:
-        from apexdistill.models.text import TextEncoder
+    def __init__(self, text_config: dict[str, Any], identity: str, device: str, stats: Any) -> None:
+        from apexdistill.config import TextEncoderConfig
+        from apexdistill.models.text import build_text_encoder
 
-        self.encoder = TextEncoder(path, max_length)
+        cfg = TextEncoderConfig.model_validate(text_config)
+        self.encoder = build_text_encoder(cfg)
         if self.encoder.identity != identity:  # the key was computed from config.json: it must match
             raise RuntimeError(f"text encoder identity {self.encoder.identity} differs from the cache key's {identity}")
         self.device = device
         self.encoder.to(device)
         self.stats = stats
+        negative = self.encoder.encode_negative() if cfg.kind == "pipeline" else self.encoder.encode_negative(cfg.negative_prompt or "")
+        ray.get(stats.set_negative.remote({"text": negative[0].float().cpu().numpy(), "text_mask": negative[1].long().cpu().numpy()}))
         _announce_encoder("text", stats)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -358,7 +370,7 @@ def build_dataset(cfg: Config, spec: CacheSpec, plan: SourcePlan, stats: Any, ba
     ds = ds.map_batches(
         TextEncodeStage, batch_size=d.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=d.text_actors), num_cpus=d.text_actor_cpus, num_gpus=d.text_actor_gpus or None,
-        fn_constructor_kwargs=dict(path=spec.text["path"], max_length=spec.text["max_length"], identity=spec.text["identity"], device=device, stats=stats),
+        fn_constructor_kwargs=dict(text_config=cfg.text_encoder.model_dump(mode="json"), identity=spec.text["identity"], device=device, stats=stats),
     )
     if cfg.vae.path:
         device = "cuda" if d.vae_actor_gpus > 0 else "cpu"
@@ -422,6 +434,29 @@ def _write_rejects(fs: Any, path: str, rejects: list[dict[str, str]]) -> None:
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as fh:
         pq.write_table(table, fh)
+
+
+def _write_negative(fs: Any, path: str, negative: dict[str, Any] | None, spec: CacheSpec) -> None:
+    """The negative prompt's embedding, (1, L, D) and (1, L), next to the rows."""
+    import torch
+    from safetensors.torch import save
+
+    if negative is None:
+        raise RuntimeError("no text-encoder actor reported the negative prompt's embedding")
+    text, mask = torch.from_numpy(np.array(negative["text"], dtype=np.float32)), torch.from_numpy(np.array(negative["text_mask"], dtype=np.int64))
+    if list(text.shape[1:]) != spec.text_shape:
+        raise RuntimeError(f"negative embedding {list(text.shape)} does not match the rows' text {spec.text_shape}")
+    with fs.open(path, "wb") as fh:
+        fh.write(save({"text": text.contiguous(), "text_mask": mask.contiguous()}, metadata={"prompt": str(spec.text.get("negative_prompt", ""))}))
+
+
+def read_negative(uri: str) -> dict[str, Any]:
+    """A cache's negative embedding: {"text": (1, L, D), "text_mask": (1, L)} tensors."""
+    from safetensors.torch import load
+
+    fs, folder, _ = _open_cache(uri)
+    with fs.open(posixpath.join(folder, NEGATIVE), "rb") as fh:
+        return load(fh.read())
 
 
 def _ensure_ray() -> None:
@@ -506,6 +541,7 @@ def run_preprocess(cfg: Config, force: bool = False, *, on_written: Callable[[st
             raise RuntimeError(f"written columns {columns} do not match the expected x {spec.x_shape} / text {spec.text_shape}")
 
         _write_rejects(store.fs, posixpath.join(tmp, REJECTS), rejects)
+        _write_negative(store.fs, posixpath.join(tmp, NEGATIVE), ray.get(stats.get_negative.remote()), spec)
         if on_written is not None:
             on_written(store.to_uri(tmp))
         d = cfg.data

@@ -10,7 +10,10 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
 4. L_gen  = || F(z, t0, c) - sg(F(z, t0, c) - G) ||^2
             (its gradient moves x_g by t0*G: toward the real flow, away from the fake one)
 5. L_fake = || F(x_s, s, c_fake) - (z' - sg(x_g)) ||^2         (fake branch learns the model's own flow)
-6. L_real = plain flow matching on data with the true condition (anchor), t <= anchor_t_max
+6. L_real = flow matching on data with the true condition (anchor), t <= anchor_t_max; with
+            guidance_ratio r > 0 (the released code's enhanced_ratio) its target is the guided field
+            (z - x) + r*(v_ref(x_t, t, c) - v_ref(x_t, t, c_neg)), both velocities without gradient from
+            the reference weights (the frozen base under LoRA, else the EMA)
    total  = lambda_g*L_gen + lambda_p*L_fake + lambda_r*L_real
 
 All passes that need a gradient go through the network as one concatenated batch.
@@ -72,7 +75,10 @@ class Apex(ShiftedObjective):
 
         loss_gen = mse(v_gen, (v_gen - correction).detach()).mean()  # 4.
         loss_fake = mse(v_fake_s, velocity_target(x_g, z2)).mean()  # 5.
-        loss_real = mse(v_real_x, velocity_target(x, z3)).mean() if v_real_x is not None else torch.zeros((), device=x.device)  # 6.
+        if v_real_x is not None:  # 6.
+            loss_real = mse(v_real_x, self._real_target(model, x, z3, x_real_t, t_real, c, mask)).mean()
+        else:
+            loss_real = torch.zeros((), device=x.device)
         lambda_g = p.lambda_g * ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)
         loss = lambda_g * loss_gen + p.lambda_p * loss_fake + p.lambda_r * loss_real
         return loss, scalar_metrics(
@@ -85,6 +91,25 @@ class Apex(ShiftedObjective):
             shift_a=self.shift.a,
             shift_b=self.shift.b,
         )
+
+
+    def _real_target(self, model: nn.Module, x: Tensor, z: Tensor, x_t: Tensor, t: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
+        """The anchor's target: the data velocity, plus r times the reference model's guidance
+        direction at the same noisy point when ``guidance_ratio`` r > 0."""
+        target = velocity_target(x, z)
+        r = float(self.cfg.apex.guidance_ratio or 0.0)
+        if r <= 0:
+            return target
+        if getattr(self, "negative", None) is None or getattr(self, "reference", None) is None:
+            raise RuntimeError("objective.apex.guidance_ratio > 0 needs the cached negative embedding and reference weights "
+                               "(set_guidance was not called)")
+        n = x.shape[0]
+        neg, neg_mask = (v.to(x.device) for v in self.negative)
+        neg = neg.to(c.dtype).expand(n, -1, -1)
+        neg_mask = neg_mask.expand(n, -1).to(mask.dtype) if mask is not None else None
+        with torch.no_grad(), self.reference():
+            v_cond, v_uncond = _split(model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c, neg]), cat_batches(mask, neg_mask)), n)
+        return target + r * (v_cond - v_uncond).detach()
 
 
 def _split(v: Tensor, n: int) -> tuple[Tensor, Tensor]:

@@ -41,6 +41,12 @@ class Objective(nn.Module):
         """Called once with the plain backbone, before any parallel wrapping (DDP, FSDP2, DeepSpeed)
         and before a checkpoint is loaded: the place to copy a frozen teacher."""
 
+    def set_guidance(self, negative: tuple[Tensor, Tensor] | None, reference: Any = None) -> None:
+        """The dataset's negative (unconditional) text states (1, L, D), mask (1, L), and a context
+        manager factory under which the model computes the reference (frozen-base or EMA) velocities
+        for guidance. Objectives that use no guidance ignore it."""
+        self.negative, self.reference = negative, reference
+
 
 class ShiftedObjective(Objective):
     """An objective with a condition shift c_fake = a*c + b (Eq. 9); a learnable shift gets its own

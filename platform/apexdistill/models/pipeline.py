@@ -164,3 +164,77 @@ def pipeline_model_config(folder: str | Path, **overrides: Any) -> ModelConfig:
         raise ValueError(f"model.path: cannot tell the backbone family of '{folder}'; set model.backbone")
     fields = {"backbone": parts["family"], "path": str(folder), "target_time": parts["target_time"], **overrides}
     return ModelConfig(**fields)
+
+
+# ----------------------------------------------------------------------------- stock pipeline folders in
+
+
+def check_stock_pipeline(folder: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(family, model_index) of a stock pipeline folder, refusing one that cannot be distilled: an
+    unsupported pipeline class (naming the supported ones) or a missing component."""
+    from apexdistill.models.family import PIPELINE_PARTS, family_of_pipeline, read_model_index
+
+    folder = Path(folder)
+    family = family_of_pipeline(folder)
+    index = read_model_index(folder) or {}
+    for part in PIPELINE_PARTS:
+        entry = index.get(part)
+        listed = isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+        sub = folder / part
+        present = sub.is_dir() and any(sub.iterdir())
+        if not listed or not present:
+            why = "model_index.json does not list it" if not listed else f"'{sub}' is missing or empty"
+            raise FileNotFoundError(
+                f"model.path: the {family.pipeline_class} at '{folder}' has no {part} ({why}); a stock pipeline folder "
+                f"holds {', '.join(PIPELINE_PARTS)}")
+    return family, index
+
+
+def pipeline_defaults(cfg: Any, explicit: dict[str, bool]) -> dict[str, Any]:
+    """Config values implied by a stock pipeline folder in ``model.path`` (dotted key -> value), after
+    the checks that must fail before any compute: family, components, text width, resolution."""
+    from apexdistill.models.text import pipeline_encoder_info
+    from apexdistill.models.vae import read_vae_config
+
+    folder = Path(cfg.model.path).expanduser()
+    family, _ = check_stock_pipeline(folder)
+    if explicit["model.backbone"] and cfg.model.backbone != family.name:
+        raise ValueError(f"model.backbone is '{cfg.model.backbone}' but model.path '{folder}' is a {family.pipeline_class} "
+                         f"({family.name}); leave model.backbone unset with a pipeline folder")
+    updates: dict[str, Any] = {"model.backbone": family.name}
+    te = cfg.text_encoder
+    kind = te.kind if explicit["text_encoder.kind"] else "pipeline"
+    updates["text_encoder.kind"] = kind
+    if kind == "pipeline":
+        updates["text_encoder.path"] = te.path or str(folder)
+        updates["text_encoder.max_length"] = te.max_length or family.prompt_defaults().max_sequence_length
+    else:
+        updates["text_encoder.max_length"] = te.max_length or 16
+    vae_path = cfg.vae.path if explicit["vae.path"] else str(folder)
+    updates["vae.path"] = vae_path
+    vae_folder, vae_conf, vae_cls = read_vae_config(vae_path)
+    image_channels = vae_cls.config_image_channels(vae_conf)
+    if explicit["data.channels"] and cfg.data.channels != image_channels:
+        raise ValueError(f"data.channels={cfg.data.channels} but the VAE at '{vae_folder}' takes {image_channels}-channel images")
+    updates["data.channels"] = image_channels
+
+    # the transformer must take what the text encoder gives, at a size the VAE and patching allow
+    t_conf = json.loads((folder / "transformer" / "config.json").read_text())
+    want = family.text_dim(t_conf)
+    if kind == "pipeline":
+        got, where = pipeline_encoder_info(te.model_copy(update={"path": updates["text_encoder.path"],
+                                                                 "max_length": updates["text_encoder.max_length"]}))["dim"], updates["text_encoder.path"]
+        if got != want:
+            raise ValueError(f"model.path: the transformer at '{folder / 'transformer'}' takes text states of width {want} "
+                             f"but the text encoder at '{where}' gives {got} (hidden_size); they must come from the same pipeline")
+    step = vae_cls.config_downsample(vae_conf) * family.patch_size(t_conf)
+    if cfg.data.resolution % step:
+        raise ValueError(f"data.resolution={cfg.data.resolution} is not a multiple of the VAE factor "
+                         f"{vae_cls.config_downsample(vae_conf)} x the transformer's patch size {family.patch_size(t_conf)} = {step}")
+
+    scale = cfg.teacher.guidance_scale
+    scale = family.default_guidance_scale if scale is None else scale
+    updates["teacher.guidance_scale"] = scale
+    ratio = cfg.objective.apex.guidance_ratio
+    updates["objective.apex.guidance_ratio"] = family.guidance_ratio(scale) if ratio is None else ratio
+    return updates

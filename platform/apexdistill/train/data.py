@@ -118,10 +118,9 @@ def row_bytes(manifest: dict[str, Any]) -> int:
 
 
 def encode_captions(cfg: Config, captions: list[str]) -> tuple[Tensor, Tensor]:
-    from apexdistill.models.text import TextEncoder
+    from apexdistill.models.text import build_text_encoder
 
-    encoder = TextEncoder(cfg.text_encoder.path if cfg.text_encoder.kind == "transformers" else None, cfg.text_encoder.max_length)
-    return encoder.encode(captions)
+    return build_text_encoder(cfg.text_encoder).encode(captions)
 
 
 def digit_caption_table(cfg: Config) -> tuple[Tensor, Tensor]:

@@ -112,25 +112,33 @@ def check_cpu_headroom(cfg: Config) -> None:
         )
 
 
+def negative_embedding(cache_uri: str) -> dict[str, list]:
+    """The cache's negative (unconditional) text states, for guidance in the objective."""
+    from apexdistill.data.preprocess import read_negative
+
+    neg = read_negative(cache_uri)
+    return {"text": neg["text"].tolist(), "mask": neg["text_mask"].tolist()}
+
+
 def sample_prompts(cfg: Config, cache_uri: str, limit: int = 8) -> dict[str, list] | None:
     """Text states of the fixed prompts for the MLflow sample grids: the ten digits, or the first
     distinct captions of the cache."""
-    from apexdistill.train.data import digit_caption_table, encode_captions
+    from apexdistill.train.data import digit_caption_table
 
     if cfg.data.source == "digits":
         text, mask = digit_caption_table(cfg)
     else:
         from apexdistill.data.preprocess import read_cache
 
-        captions: list[str] = []
-        for row in read_cache(cache_uri, columns=["caption"]).take(256):
-            if row["caption"] not in captions:
-                captions.append(str(row["caption"]))
+        # the cache already holds every caption's states: no text encoder is loaded here
+        captions: dict[str, tuple[Any, Any]] = {}
+        for row in read_cache(cache_uri, columns=["caption", "text", "text_mask"], in_driver=True).take(256):
+            captions.setdefault(str(row["caption"]), (row["text"], row["text_mask"]))
             if len(captions) == limit:
                 break
         if not captions:
             return None
-        text, mask = encode_captions(cfg, captions)
+        return {"text": [v[0].tolist() for v in captions.values()], "mask": [v[1].tolist() for v in captions.values()]}
     return {"text": text.tolist(), "mask": mask.tolist()}
 
 
@@ -243,6 +251,7 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
             "config": cfg.model_dump(mode="json"), "run_dir": str(out), "shapes": shapes.__dict__,
             "row_bytes": row_bytes(cache.manifest), "tracking": handle.as_dict() if handle else None,
             "sample_prompts": sample_prompts(cfg, cache.uri) if handle or cfg.eval.every else None,
+            "negative": negative_embedding(cache.uri),
         },
         datasets={"train": read_cache(cache.uri, in_driver=in_driver)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu and workers > 0, resources_per_worker=resources),

@@ -13,6 +13,7 @@ their shards), published with an atomic rename by rank 0, and reported to Ray, w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -232,6 +233,11 @@ class SampleLogger:
         g = torch.Generator().manual_seed(cfg.eval.seed)
         n = self.text.shape[0] * self.per_prompt
         self.z = torch.randn((n, channels, resolution, resolution), generator=g)
+        self.vae = None
+        if cfg.vae.path and logger is not None:  # latent samples are logged as pictures, decoded by the VAE
+            from apexdistill.models.vae import build_vae
+
+            self.vae = build_vae(cfg.vae, cfg.data.image_channels).to(device)
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, step: int) -> None:
@@ -249,6 +255,8 @@ class SampleLogger:
                                  generator=torch.Generator().manual_seed(self.cfg.eval.seed))
         model.train(was_training)
         if self.logger is not None:
+            if self.vae is not None:
+                images = self.vae.decode(images).clamp(-1, 1)
             grid = image_grid_array(images.float().cpu(), nrow=self.per_prompt * 2 if self.text.shape[0] % 2 == 0 else self.per_prompt)
             self.logger.log_image(grid, key=f"samples_{self.cfg.tracking.sample_nfe}nfe", step=step)
 
@@ -300,6 +308,37 @@ class InTrainingEval:
         return out
 
 
+@contextlib.contextmanager
+def reference_weights(strategy: Strategy) -> Any:
+    """The weights guidance targets come from: the frozen base under LoRA (adapters disabled), else
+    the EMA (swapped into the live parameters for the duration, then restored)."""
+    from apexdistill.models.lora import has_lora
+
+    backbone = strategy.backbone
+    if has_lora(backbone):
+        backbone.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            backbone.transformer.enable_adapters()
+        return
+    if strategy.ema is None:
+        raise ValueError("objective.apex.guidance_ratio > 0 takes its guidance from the frozen base (model.lora.enabled=true) "
+                         "or the EMA (train.ema_decay > 0): enable one")
+    params = dict(backbone.named_parameters())
+    saved = {}
+    with torch.no_grad():
+        for name, shadow in strategy.ema.shadow.items():
+            saved[name] = params[name].detach().clone()
+            params[name].detach().copy_(shadow)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].detach().copy_(value)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["config"])
     _quiet_report_lines()
@@ -319,6 +358,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of {objective.batch_multiple} for {objective.name}")
     strategy = build_strategy(cfg, rank, world, device)
     strategy.wrap(backbone, objective)
+    negative = loop_config.get("negative")
+    if negative is not None:
+        objective.set_guidance((torch.tensor(negative["text"], dtype=torch.float32), torch.tensor(negative["mask"], dtype=torch.long)),
+                               lambda: reference_weights(strategy))
     torch.manual_seed(cfg.run.seed + 1000 * rank)  # then different noise on every rank
 
     from apexdistill.tracking import RunLogger
