@@ -69,10 +69,7 @@ def _load_model_arg(path: str, use_ema: bool):
     """A run folder or one of its checkpoint folders (trained by `apexdistill train`)."""
     from apexdistill.train.export import load_trained_backbone
 
-    model, cfg = load_trained_backbone(path, use_ema=use_ema)
-    if cfg.vae.path:
-        raise ValueError(f"'{path}' was trained in a VAE latent space (vae.path); evaluate and sample support pixel-space runs only for now")
-    return model, cfg
+    return load_trained_backbone(path, use_ema=use_ema)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -80,6 +77,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from apexdistill.train.data import digit_caption_table
 
     model, cfg = _load_model_arg(args.run, use_ema=not args.raw)
+    if cfg.data.source != "digits" or cfg.vae.path:
+        raise ValueError(f"'{args.run}': evaluate scores prompt accuracy and the FD proxy with the built-in digit classifier, "
+                         "so it needs a run on the built-in digits in pixel space; use `apexdistill sample` to look at a pipeline run")
     if args.workdir:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workdir": args.workdir})})
     if args.samples_per_class:
@@ -91,27 +91,45 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from apexdistill.eval.grid import save_grid
-    from apexdistill.method.sampler import sample_few_step
-    from apexdistill.train.data import encode_captions
 
     model, cfg = _load_model_arg(args.run, use_ema=not args.raw)
-    text, mask = encode_captions(cfg, list(args.prompt))
-    g = torch.Generator().manual_seed(args.seed)
-    n = len(args.prompt) * args.num
-    z = torch.randn((n, model.in_channels, cfg.data.resolution, cfg.data.resolution), generator=g)  # pixel space
-    images = sample_few_step(model, z, text.repeat_interleave(args.num, 0), mask.repeat_interleave(args.num, 0), nfe=args.nfe, generator=g)
+    images = sample_run(model, cfg, list(args.prompt), args.num, args.nfe, args.seed)
     save_grid(images, args.output, nrow=args.num)
-    print(f"[sample] {n} image(s) at {args.nfe} NFE -> {args.output}")
+    print(f"[sample] {images.shape[0]} image(s) at {args.nfe} NFE -> {args.output}")
     return 0
+
+
+def sample_run(model, cfg, prompts: list[str], num: int, nfe: int, seed: int, latents: bool = False):
+    """Images (or, with ``latents``, the sampled latents) of a trained run for ``prompts``, ``num``
+    each, from noise seeded by ``seed``. Pipeline runs sample exactly as the exported stock pipeline
+    does (the student scheduler, the family's layout and random draws) and decode through the VAE."""
+    import torch
+
+    from apexdistill.method.sampler import sample_few_step
+    from apexdistill.models.family import get_family
+    from apexdistill.models.vae import build_vae
+    from apexdistill.train.data import encode_captions
+
+    text, mask = encode_captions(cfg, prompts)
+    text, mask = text.repeat_interleave(num, 0), mask.repeat_interleave(num, 0)
+    side = cfg.data.resolution
+    vae = build_vae(cfg.vae, cfg.data.image_channels)
+    c, h, w = vae.latent_shape(side)
+    z = torch.randn((len(prompts) * num, c, h, w), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    if cfg.text_encoder.kind == "pipeline":
+        torch.manual_seed(seed)  # the families whose pipelines re-noise from the global RNG
+        x = get_family(cfg.model.backbone).sample_student(model, z, text, mask, nfe, generator=g)
+    else:
+        x = sample_few_step(model, z, text, mask, nfe=nfe, generator=g)
+    return x if latents else vae.decode(x).clamp(-1, 1)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from apexdistill.train.export import export_pipeline
 
-    out = export_pipeline(args.run, args.output, use_ema=not args.raw, overwrite=args.overwrite)
+    out = export_pipeline(args.run, args.output, use_ema=not args.raw, overwrite=args.overwrite, link=args.link)
     print(f"[export] diffusers folder: {out}")
     return 0
 
@@ -217,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-o", "--output", required=True)
     x.add_argument("--raw", action="store_true")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.add_argument("--link", action="store_true", help="symlink the teacher's VAE, text encoder and tokenizer instead of copying them")
     x.set_defaults(fn=_cmd_export)
 
     b = sub.add_parser("dashboard", help="a static HTML report comparing runs and sweeps, from MLflow; --serve adds the MLflow UI")

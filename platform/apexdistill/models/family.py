@@ -67,6 +67,10 @@ class Family:
     default_lora_targets: ClassVar[list[str]] = []
     #: name of the guidance argument of the pipeline's ``__call__`` (its default is the family's)
     guidance_argument: ClassVar[str] = "guidance_scale"
+    #: the value of that argument that turns CFG off (what the exported student is called with)
+    guidance_off: ClassVar[float] = 1.0
+    #: extra arguments for exact comparisons with the stock pipeline (Sana snaps sizes to bins)
+    exact_call_kwargs: ClassVar[dict[str, Any]] = {}
 
     # ---------------------------------------------------------------- classes
 
@@ -177,12 +181,14 @@ class Family:
         neg_text: Tensor | None = None,
         neg_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        sigmas: list[float] | None = None,
     ) -> Tensor:
         """The teacher as users run it: the pipeline's own scheduler (whatever class it ships), set up
         as the pipeline's ``__call__`` sets it, with the family's CFG rule. ``model(x, t, text, mask)``
         is a backbone (velocity in our convention); ``z`` the initial noise (B, C, H, W). For the same
         prompt embeddings, noise and step count this reproduces ``pipe(..., output_type="latent")``
-        (tests/test_pipelines.py measures it per family)."""
+        (tests/test_family_*.py measure it per family). ``sigmas`` set the schedule explicitly, as
+        ``pipe(..., sigmas=...)`` does (the exported student's call)."""
         cfg = self.uses_cfg(guidance_scale)
         if cfg and neg_text is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs the negative prompt's embedding (neg_text)")
@@ -190,7 +196,11 @@ class Family:
         if cfg:
             neg_text = neg_text.to(z.device).expand(b, -1, -1)
             neg_mask = neg_mask.to(z.device).expand(b, -1) if neg_mask is not None else None
-        timesteps = self.set_timesteps(scheduler, nfe, tuple(z.shape[1:]), z.device)
+        if sigmas is not None:
+            scheduler.set_timesteps(sigmas=list(sigmas), device=z.device)
+            timesteps = scheduler.timesteps
+        else:
+            timesteps = self.set_timesteps(scheduler, nfe, tuple(z.shape[1:]), z.device)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         x = z.float()
@@ -199,9 +209,31 @@ class Family:
             v = model(x, t, text, text_mask).float()
             if cfg:
                 v = self.combine_cfg(v, model(x, t, neg_text, neg_mask).float(), guidance_scale, t)
-            kwargs = {"generator": generator} if generator is not None and "generator" in inspect.signature(scheduler.step).parameters else {}
-            x = scheduler.step(v, timestep, x, return_dict=False, **kwargs)[0]
+            x = self.scheduler_step(scheduler, v, timestep, x, generator)
         return x
+
+    #: whether the pipeline hands its ``generator`` to ``scheduler.step`` (Sana); Qwen-Image and
+    #: Z-Image let a stochastic scheduler draw from the global RNG
+    step_uses_generator: ClassVar[bool] = False
+
+    def scheduler_step(self, scheduler: Any, v: Tensor, timestep: Tensor, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """One ``scheduler.step`` as the pipeline makes it (layout and random draws included)."""
+        use = self.step_uses_generator and generator is not None and "generator" in inspect.signature(scheduler.step).parameters
+        return scheduler.step(v, timestep, x, return_dict=False, **({"generator": generator} if use else {}))[0]
+
+    @torch.no_grad()
+    def sample_student(self, model: Any, z: Tensor, text: Tensor, text_mask: Tensor | None, nfe: int,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """The distilled student as the exported stock pipeline runs it: the student scheduler
+        (``models.pipeline.STUDENT_SCHEDULER``) at ``STUDENT_SIGMAS[nfe]``, guidance off. Draws its
+        re-noise as the pipeline does (``generator`` for Sana, else the global RNG: seed it)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from apexdistill.models.pipeline import STUDENT_SCHEDULER, student_sigmas
+
+        scheduler = FlowMatchEulerDiscreteScheduler(**STUDENT_SCHEDULER)
+        return self.sample(model, scheduler, z, text, text_mask, nfe, self.guidance_off,
+                           generator=generator, sigmas=student_sigmas(nfe))
 
     # ---------------------------------------------------------------- presets and tiny pipelines
 

@@ -238,3 +238,125 @@ def pipeline_defaults(cfg: Any, explicit: dict[str, bool]) -> dict[str, Any]:
     ratio = cfg.objective.apex.guidance_ratio
     updates["objective.apex.guidance_ratio"] = family.guidance_ratio(scale) if ratio is None else ratio
     return updates
+
+
+# ----------------------------------------------------------------------------- stock pipeline folders out
+
+#: the scheduler that runs a distilled student as it was trained (APEX_METHOD.md's few-step sampler:
+#: x0 = x - sigma*v, then re-noise to the next sigma), verified against our sampler in the tests
+STUDENT_SCHEDULER = dict(shift=1.0, use_dynamic_shifting=False, shift_terminal=None, stochastic_sampling=True,
+                         use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
+STUDENT_SIGMAS = {1: [0.999], 2: [0.999, 0.6]}
+
+
+def student_sigmas(nfe: int) -> list[float]:
+    """The few-step sampler's grid without its final 0 (the scheduler appends it): ``sigmas=`` of the call."""
+    from apexdistill.method.sampler import few_step_grid
+
+    return few_step_grid(nfe)[:-1]
+MODEL_CARD = "README.md"
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    if link:
+        dst.symlink_to(src.resolve(), target_is_directory=True)
+    else:
+        shutil.copytree(src, dst, symlinks=False)
+
+
+def model_card(family: Any, teacher: Path, meta: dict[str, Any]) -> str:
+    guidance = f"{family.guidance_argument}={family.guidance_off}"
+    extra = "".join(f", {k}={v!r}" for k, v in family.exact_call_kwargs.items())
+    return f"""# One-step {family.pipeline_class} distilled with APEX (apexdistill)
+
+Teacher: `{teacher}`. Student: `transformer/` ({'LoRA merged' if meta.get('lora_merged') else 'full weights'},
+{'EMA' if meta.get('ema', True) else 'raw'} weights), objective `{meta.get('objective')}`, {meta.get('steps', '?')} steps.
+The VAE, text encoder and tokenizer are the teacher's. The scheduler is
+`FlowMatchEulerDiscreteScheduler` with shift 1, no dynamic or terminal shift and `stochastic_sampling=True`,
+which is the sampler the student was trained for.
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("<this folder>", torch_dtype=torch.bfloat16).to("cuda")
+image = pipe("a photo of a cat", sigmas=[0.999], {guidance}{extra}).images[0]          # 1 NFE
+image = pipe("a photo of a cat", sigmas=[0.999, 0.6], {guidance}{extra}).images[0]     # 2 NFE
+```
+
+Guidance is off: it was distilled into the student (`objective.apex.guidance_ratio` =
+{meta.get('guidance_ratio')}). `lora/` (LoRA runs only) holds the adapter alone for
+`pipe.load_lora_weights(...)` on the teacher pipeline with this scheduler.
+"""
+
+
+def save_stock_pipeline(
+    folder: str | Path,
+    backbone: Backbone,
+    teacher: str | Path,
+    *,
+    link: bool = False,
+    overwrite: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete stock pipeline folder that ``DiffusionPipeline.from_pretrained`` runs: the
+    teacher's ``model_index.json`` (scheduler replaced), the student transformer (LoRA merged into a
+    copy), the teacher's VAE, text encoder and tokenizer (copied, or symlinked with ``link``), the
+    student scheduler, a model card, and ``lora/`` for LoRA runs (``load_lora_weights`` format, with
+    the adapter metadata so alpha survives). Written next to the destination and moved into place,
+    so a failure never leaves a half-written export."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from apexdistill.models.lora import has_lora, merge_lora
+
+    if backbone.target_time:
+        raise ValueError("a run trained with model.target_time=true needs a target-time input that the stock pipeline "
+                         "does not pass; it cannot be exported as a stock pipeline folder")
+    teacher = Path(teacher)
+    family, index = check_stock_pipeline(teacher)
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"export folder '{folder}' already exists and is not empty (pass --overwrite to replace it)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    meta = dict(meta or {})
+    try:
+        lora = has_lora(backbone)
+        merged = merge_lora(copy.deepcopy(backbone)) if lora else backbone
+        merged.transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+        for part in ("vae", "text_encoder", "tokenizer"):
+            _place(teacher / part, tmp / part, link)
+        FlowMatchEulerDiscreteScheduler(**STUDENT_SCHEDULER).save_pretrained(str(tmp / "scheduler"))
+        new_index = {**index, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+        (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2))
+        if lora:
+            save_pipeline_lora(backbone, tmp / "lora", family)
+        meta.update(lora_merged=lora, family=family.name, teacher=str(teacher.resolve()), linked=link)
+        (tmp / MODEL_CARD).write_text(model_card(family, teacher, meta))
+        (tmp / META_FILE).write_text(json.dumps({"format": META_FORMAT, "stock_pipeline": True, **meta}, indent=2, default=str))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def save_pipeline_lora(backbone: Backbone, folder: Path, family: Any) -> Path:
+    """The adapter in the layout ``pipe.load_lora_weights(folder)`` reads: ``transformer.``-prefixed
+    peft keys in ``pytorch_lora_weights.safetensors``, with the peft config as adapter metadata."""
+    from peft import get_peft_model_state_dict
+
+    from apexdistill.models.lora import ADAPTER_NAME
+
+    transformer = backbone.transformer
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME).items()}
+    config = transformer.peft_config[ADAPTER_NAME].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    family.pipeline_cls().save_lora_weights(str(folder), transformer_lora_layers=state, transformer_lora_adapter_metadata=config)
+    return folder

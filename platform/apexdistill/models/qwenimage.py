@@ -196,6 +196,16 @@ class QwenImage(Family):
         # _unpack_latents takes pixel sizes and the VAE factor; with factor 1 the sizes are the latent's
         return QwenImagePipeline._unpack_latents(out, h, w, 1).reshape(b, c, h, w)
 
+    def scheduler_step(self, scheduler: Any, v: Tensor, timestep: Tensor, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The pipeline steps on packed tokens and lets a stochastic scheduler draw its noise from the
+        global RNG in that packed shape: do the same, so a seeded run draws the same noise."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
+
+        b, c, h, w = x.shape
+        out = scheduler.step(QwenImagePipeline._pack_latents(v, b, c, h, w), timestep,
+                             QwenImagePipeline._pack_latents(x, b, c, h, w), return_dict=False)[0]
+        return QwenImagePipeline._unpack_latents(out, h, w, 1).reshape(b, c, h, w)
+
     def set_timesteps(self, scheduler: Any, nfe: int, latent_shape: tuple[int, int, int], device: torch.device | str) -> Tensor:
         """As ``QwenImagePipeline.__call__``: sigmas = linspace(1, 1/N, N), mu from the pipeline module's
         ``calculate_shift`` at image_seq_len = the packed token count (H/2)*(W/2) and the scheduler's

@@ -100,6 +100,8 @@ class Sana(Family):
     backbone_class = SanaBackbone
     default_lora_targets = SanaBackbone.default_lora_targets
     guidance_argument = "guidance_scale"
+    step_uses_generator = True
+    exact_call_kwargs = {"use_resolution_binning": False}
 
     def text_dim(self, transformer_config: dict[str, Any]) -> int:
         return int(transformer_config["caption_channels"])

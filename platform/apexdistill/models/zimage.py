@@ -118,6 +118,7 @@ class ZImage(Family):
     backbone_class = ZImageBackbone
     default_lora_targets = ZImageBackbone.default_lora_targets
     guidance_argument = "guidance_scale"
+    guidance_off = 0.0  # pos + g*(pos - neg): g = 0 is no guidance
 
     def text_dim(self, transformer_config: dict[str, Any]) -> int:
         return int(transformer_config["cap_feat_dim"])

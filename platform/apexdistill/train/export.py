@@ -46,20 +46,38 @@ def load_trained_backbone(path: str | Path, use_ema: bool = True) -> tuple[Backb
     return backbone.eval(), cfg
 
 
-def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True, overwrite: bool = False) -> Path:
-    """A diffusers pipeline folder: ``transformer/`` (LoRA merged) and, for a LoRA run, ``lora/`` with
-    the adapter alone (diffusers' safetensors format, loads back with ``load_lora``), plus the
+def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True, overwrite: bool = False, link: bool = False) -> Path:
+    """Export a run. Distilled from a stock pipeline (``model.path`` holds model_index.json): a
+    complete stock pipeline folder that ``DiffusionPipeline.from_pretrained`` runs at 1-2 NFE
+    (``save_stock_pipeline``). Otherwise (the built-in digits): ``transformer/`` (LoRA merged) and, for
+    a LoRA run, ``lora/`` with the adapter alone (loads back with ``load_lora``). Both get the
     resolved training config. The run's MLflow run (if any) gets the export path as a tag and the
     LoRA adapter as an artifact."""
+    from apexdistill.models.family import read_model_index
     from apexdistill.models.lora import has_lora, save_lora
+    from apexdistill.models.pipeline import save_stock_pipeline
 
     backbone, cfg = load_trained_backbone(path, use_ema)
-    folder = Path(save_pipeline(out, backbone, extra_meta={"ema": use_ema, "objective": cfg.objective.name}, overwrite=overwrite))
+    meta = {"ema": use_ema, "objective": cfg.objective.name, "guidance_ratio": cfg.objective.apex.guidance_ratio,
+            "steps": _trained_steps(path)}
+    if cfg.model.path and read_model_index(cfg.model.path) is not None:
+        folder = save_stock_pipeline(out, backbone, cfg.model.path, link=link, overwrite=overwrite, meta=meta)
+    else:
+        if link:
+            raise ValueError("--link links the teacher pipeline's VAE, text encoder and tokenizer: this run has no pipeline folder (model.path)")
+        folder = Path(save_pipeline(out, backbone, extra_meta=meta, overwrite=overwrite))
+        if has_lora(backbone):
+            save_lora(backbone, folder / LORA_DIR)
     dump_yaml(cfg, folder / "train_config.yaml")
-    if has_lora(backbone):
-        save_lora(backbone, folder / LORA_DIR)
     _record_export(Path(path), folder)
     return folder
+
+
+def _trained_steps(path: str | Path) -> int | None:
+    import json
+
+    _, ckpt = resolve_checkpoint(path)
+    return json.loads((ckpt / CHECKPOINT_STATE).read_text()).get("step")
 
 
 def _record_export(path: Path, folder: Path) -> None:
