@@ -442,13 +442,13 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
         cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
-    return resolve_defaults(cfg)
+    return resolve_defaults(cfg, source)
 
 
 DEFAULT_TEXT_LENGTH = 16  # MiniLM / transformers encoders
 
 
-def resolve_defaults(cfg: "Config") -> "Config":
+def resolve_defaults(cfg: "Config", source: str = "<config>") -> "Config":
     """Fill the defaults that depend on other settings: with a stock pipeline folder in
     ``model.path`` the family, text encoder, VAE, prompt length, teacher guidance and guidance ratio
     come from the pipeline (``apexdistill.models.pipeline.pipeline_defaults``, which also refuses a
@@ -477,7 +477,10 @@ def resolve_defaults(cfg: "Config") -> "Config":
         }
     for key, value in updates.items():
         _set_dotted(tree, key, value)
-    return Config.model_validate(tree)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:  # a combination the filled-in defaults make invalid (e.g. guidance without LoRA/EMA)
+        raise ConfigError(_format_errors(err, f"{source} (with the defaults of model.path's pipeline)")) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -71,7 +71,7 @@ def text_encoder_identity(cfg: Config) -> dict[str, Any]:
     if te.kind == "pipeline":
         from apexdistill.models.text import pipeline_encoder_info
 
-        info = pipeline_encoder_info(te, cfg.model.backbone)
+        info = pipeline_encoder_info(te)
         path, dim = info["text_encoder"], info["dim"]
         weights = {"text_encoder": _folder_digest(path), "tokenizer": _folder_digest(info["tokenizer"])}
         return {"identity": info["identity"], "path": str(info["pipeline"]), "dim": dim, "max_length": te.max_length,

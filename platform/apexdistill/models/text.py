@@ -113,7 +113,7 @@ def _settings(cfg: Any, family: Any) -> Any:
         complex_human_instruction=cfg.complex_human_instruction))
 
 
-def pipeline_encoder_info(cfg: Any, family_name: str | None = None) -> dict[str, Any]:
+def pipeline_encoder_info(cfg: Any) -> dict[str, Any]:
     """What a pipeline's encoder contributes to a cache key, read from config files only (a cache
     hit loads no model): folders, width, identity, and the resolved prompt settings."""
     import hashlib

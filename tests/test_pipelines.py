@@ -1,0 +1,194 @@
+"""Stock pipelines end to end, offline: tiny pipelines of each family built from the real diffusers
+classes, saved with ``save_pretrained`` and loaded back through ``model.path`` exactly as a user's
+checkpoint is. Ray Data preprocessing with the pipeline's own encoders in actors -> Ray Train (2
+workers, ddp, LoRA) -> export -> ``DiffusionPipeline.from_pretrained(export)`` at 1 and 2 NFE against
+our sampler; the LoRA adapter through ``load_lora_weights``; the teacher sampler with CFG against the
+stock pipeline.
+
+Tolerances: fp32 on CPU. Same-graph comparisons (our sampler vs the pipeline running the same
+weights) at 1e-5; merged LoRA vs an adapter loaded by the pipeline at 1e-4 (the merge changes the
+order of the additions)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from apexdistill.config import build_config
+from apexdistill.models.family import family_names, get_family
+
+pytestmark = pytest.mark.timeout(420)
+
+PROMPTS = ("a handwritten digit seven", "a handwritten digit two")
+L = 24  # text tokens (the pipelines' max_sequence_length)
+SIDE = 32  # pixels; every tiny pipeline's VAE factor x patch size divides it
+SAME = 1e-5
+MERGED = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One tiny stock pipeline folder per family, built once."""
+    root = tmp_path_factory.mktemp("tiny-pipelines")
+    return {name: get_family(name).build_tiny_pipeline(root / name, seed=0) for name in family_names()}
+
+
+def _load(folder):
+    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _call(pipe, family, **kw):
+    """The stock pipeline's call with output_type='latent', returned in our (B, C, H, W) layout."""
+    # a fresh list: ZImagePipeline.encode_prompt writes the chat-templated prompts back into the list it gets
+    out = pipe(list(PROMPTS), height=SIDE, width=SIDE, max_sequence_length=L, output_type="latent", **family.exact_call_kwargs, **kw).images
+    if out.dim() == 3:  # Qwen-Image returns packed tokens
+        out = pipe._unpack_latents(out, SIDE, SIDE, pipe.vae_scale_factor)[:, :, 0]
+    return out
+
+
+def _latent_noise(folder, seed=0):
+    from apexdistill.models.vae import load_vae
+
+    c, h, w = load_vae(folder).latent_shape(SIDE)
+    return torch.randn((len(PROMPTS), c, h, w), generator=torch.Generator().manual_seed(seed))
+
+
+def _pipeline_noise(pipe, z):
+    """The noise in the layout the pipeline's ``latents=`` takes (Qwen-Image: packed tokens)."""
+    if hasattr(pipe, "_pack_latents") and type(pipe).__name__.startswith("QwenImage"):
+        b, c, h, w = z.shape
+        return pipe._pack_latents(z, b, c, h, w)
+    return z
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_teacher_with_cfg_through_the_config_equals_the_stock_pipeline(tiny, name):
+    """The teacher a run evaluates (config -> cached-style embeddings -> family sampler on the
+    pipeline's own scheduler, the pipeline's default guidance) reproduces pipe(...) latents."""
+    from apexdistill.models.build import build_backbone
+    from apexdistill.models.text import build_text_encoder
+
+    folder = tiny[name]
+    cfg = build_config({}, [f"model.path={folder}", f"data.resolution={SIDE}", f"text_encoder.max_length={L}"])
+    family = get_family(cfg.model.backbone)
+    assert family.name == name
+    encoder = build_text_encoder(cfg.text_encoder)
+    text, mask = encoder.encode(list(PROMPTS))
+    neg, neg_mask = encoder.encode_negative()
+    z = _latent_noise(folder)
+    backbone = build_backbone(cfg.model, z.shape[1], z.shape[-1], text.shape[-1]).eval()
+    pipe = _load(folder)
+    steps = 3 if name != "qwenimage" else 4
+    ours = family.sample(backbone, pipe.scheduler, z, text, mask, steps, cfg.teacher.guidance_scale, neg, neg_mask)
+    # the negative prompt the run cached (Qwen-Image's pipeline runs CFG only when it is given one)
+    kw = {family.guidance_argument: cfg.teacher.guidance_scale, "num_inference_steps": steps, "latents": _pipeline_noise(pipe, z),
+          "negative_prompt": [family.prompt_defaults().negative_prompt] * len(PROMPTS)}
+    stock = _call(pipe, family, **kw)
+    diff = float((ours - stock).abs().max())
+    assert diff <= SAME, f"{name}: teacher sampler vs stock pipeline with CFG {cfg.teacher.guidance_scale}: max abs diff {diff:.3g} > {SAME}"
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_exported_lora_student_runs_in_the_stock_pipeline(tiny, name, tmp_path):
+    """A LoRA'd backbone exported as a stock pipeline folder: from_pretrained(export) at 1 and 2 NFE
+    equals our student sampler for the same noise, and the teacher pipeline with the exported
+    adapter (load_lora_weights) equals the merged export."""
+    from apexdistill.config import LoraConfig
+    from apexdistill.models.build import build_backbone
+    from apexdistill.models.lora import apply_lora
+    from apexdistill.models.pipeline import save_stock_pipeline
+    from apexdistill.models.text import build_text_encoder
+
+    folder = tiny[name]
+    cfg = build_config({}, [f"model.path={folder}", f"data.resolution={SIDE}", f"text_encoder.max_length={L}"])
+    family = get_family(name)
+    text, mask = build_text_encoder(cfg.text_encoder).encode(list(PROMPTS))
+    z = _latent_noise(folder, seed=1)
+    backbone = build_backbone(cfg.model, z.shape[1], z.shape[-1], text.shape[-1])
+    apply_lora(backbone, LoraConfig(enabled=True, rank=4, alpha=8.0, targets=[]))
+    with torch.no_grad():  # a trained-looking adapter (B = 0 would make it a no-op)
+        for n, p in backbone.named_parameters():
+            if ".lora_" in n:
+                p.copy_(0.05 * torch.randn_like(p))
+    backbone.eval()
+    out = save_stock_pipeline(tmp_path / "export", backbone, folder, meta={"objective": "test"})
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == family.pipeline_class and index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    assert (out / "README.md").read_text().count("sigmas=[0.999]") == 1
+    student = _load(out)
+    assert student.scheduler.config.stochastic_sampling and student.scheduler.config.shift == 1.0
+
+    teacher = _load(folder)
+    teacher.scheduler = copy.deepcopy(student.scheduler)
+    teacher.load_lora_weights(str(out / "lora"))
+    for nfe, sigmas in ((1, [0.999]), (2, [0.999, 0.6])):
+        torch.manual_seed(7)
+        ours = family.sample_student(backbone, z, text, mask, nfe, generator=torch.Generator().manual_seed(7))
+        kw = dict(sigmas=sigmas, latents=_pipeline_noise(student, z), **{family.guidance_argument: family.guidance_off})
+        torch.manual_seed(7)
+        stock = _call(student, family, generator=torch.Generator().manual_seed(7), **kw)
+        torch.manual_seed(7)
+        adapter = _call(teacher, family, generator=torch.Generator().manual_seed(7), **kw)
+        d_stock, d_lora = float((ours - stock).abs().max()), float((adapter - stock).abs().max())
+        assert d_stock <= SAME, f"{name} {nfe} NFE: our sampler vs from_pretrained(export): {d_stock:.3g} > {SAME}"
+        assert d_lora <= MERGED, f"{name} {nfe} NFE: load_lora_weights vs merged export: {d_lora:.3g} > {MERGED}"
+    assert float((ours - _call(teacher, family, latents=_pipeline_noise(teacher, z), sigmas=[0.999],
+                                **{family.guidance_argument: family.guidance_off})).abs().max()) > 0  # 2 NFE differs from 1
+
+
+def test_preprocess_train_lora_ddp_export_and_run_in_the_stock_pipeline(tiny, tmp_path):
+    """The whole product on a tiny Sana pipeline: Ray Data preprocessing with the pipeline's encoders
+    in actors (cached embeddings = encode_prompt, cached latents = the VAE's normalization, one
+    negative embedding), 2 DDP workers with LoRA and guidance from the frozen base, export, and the
+    stock pipeline running the student exactly as `apexdistill sample` does."""
+    from apexdistill.cli import sample_run
+    from apexdistill.data.preprocess import load_cache_tensors, read_negative
+    from apexdistill.models.vae import load_vae
+    from apexdistill.train.driver import run_training
+    from apexdistill.train.export import export_pipeline, load_trained_backbone
+
+    folder = tiny["sana"]
+    family = get_family("sana")
+    cfg = build_config({}, [
+        f"model.path={folder}", f"run.workdir={tmp_path / 'work'}", f"data.resolution={SIDE}", f"text_encoder.max_length={L}",
+        "data.limit=48", "model.lora.enabled=true", "model.lora.rank=4", "train.steps=4", "train.batch_size=8",
+        "train.num_workers=2", "train.strategy=ddp", "train.cpus_per_worker=0.45", "train.log_every=2", "run.name=sana-lora",
+        "objective.apex.generator_warmup_steps=0",
+    ])
+    assert cfg.objective.apex.guidance_ratio == pytest.approx(3.5)  # Sana's 4.5 - 1
+    result = run_training(cfg)
+    assert result.metrics["step"] == 4 and torch.isfinite(torch.tensor(result.metrics["loss"]))
+
+    # the cache holds what the stock pipeline computes
+    cache_uri = next(p for p in (tmp_path / "work" / "cache").iterdir() if not p.name.startswith("."))
+    rows = load_cache_tensors(str(cache_uri))
+    pipe = _load(folder)
+    instruction = family.prompt_defaults().complex_human_instruction
+    embeds, emask, neg, neg_mask = pipe.encode_prompt(rows["caption"][:4], do_classifier_free_guidance=True, max_sequence_length=L,
+                                                      complex_human_instruction=instruction)
+    assert torch.equal(rows["text"][:4], embeds.float()) and torch.equal(rows["text_mask"][:4], emask.long())
+    cached_neg = read_negative(str(cache_uri))
+    assert torch.equal(cached_neg["text"], neg[:1].float()) and torch.equal(cached_neg["text_mask"], neg_mask[:1].long())
+    vae = load_vae(folder)
+    assert tuple(rows["x"].shape[1:]) == vae.latent_shape(SIDE)
+
+    # export, then the stock pipeline at 1 and 2 NFE equals `apexdistill sample`
+    out = export_pipeline(result.run_dir, tmp_path / "export", link=True)
+    assert os.path.islink(out / "text_encoder") and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    model, run_cfg = load_trained_backbone(result.run_dir)
+    student = _load(out)
+    for nfe, sigmas in ((1, [0.999]), (2, [0.999, 0.6])):
+        ours = sample_run(model, run_cfg, list(PROMPTS), 1, nfe, seed=5, latents=True)
+        z = torch.randn(ours.shape, generator=torch.Generator().manual_seed(5))
+        stock = _call(student, family, sigmas=sigmas, latents=z, guidance_scale=1.0, generator=torch.Generator().manual_seed(5))
+        diff = float((ours - stock).abs().max())
+        assert diff <= SAME, f"{nfe} NFE: `apexdistill sample` vs from_pretrained(export): {diff:.3g} > {SAME}"
+    images = sample_run(model, run_cfg, list(PROMPTS), 1, 1, seed=5)
+    assert images.shape == (2, 3, SIDE, SIDE) and images.abs().max() <= 1.0
