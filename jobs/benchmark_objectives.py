@@ -4,6 +4,7 @@ Prints the demo table for each objective (teacher at 50 and 1 NFE, student at 1 
 ``<workdir>/benchmarks/objectives.json`` and logs every row to MLflow (SQLite in the work directory).
 
     python jobs/benchmark_objectives.py --objectives apex apex_literal regression --minutes 4.5
+    python jobs/benchmark_objectives.py --guidance-ratios 0 1 3 --minutes 30 train.steps=400   # apex with guidance r
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--objectives", nargs="+", default=["apex", "apex_literal", "regression"])
     p.add_argument("--minutes", type=float, default=4.5, help="distillation budget per objective")
+    p.add_argument("--guidance-ratios", nargs="*", type=float, default=None,
+                   help="instead of --objectives: apex with each objective.apex.guidance_ratio r (guidance from the EMA)")
     p.add_argument("--workdir", default="./apex-runs")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -36,8 +39,11 @@ def main() -> None:
     teacher = build_backbone(base.model, 1, base.data.resolution, 384).eval()
     rows = bench.score("teacher", teacher, [base.eval.teacher_nfe], "euler") + bench.score("teacher", teacher, [1], "few_step")
     timing = {}
-    for name in args.objectives:
-        cfg = demo_config(args.workdir, overrides=[f"train.max_minutes={args.minutes}", f"objective.name={name}", f"run.name=bench-{name}", *args.overrides])
+    variants = ([(f"apex r={r:g}", ["objective.name=apex", f"objective.apex.guidance_ratio={r}"]) for r in args.guidance_ratios]
+                if args.guidance_ratios is not None else [(name, [f"objective.name={name}"]) for name in args.objectives])
+    for name, extra in variants:
+        cfg = demo_config(args.workdir, overrides=[f"train.max_minutes={args.minutes}", *extra,
+                                                   f"run.name=bench-{name.replace(' ', '-').replace('=', '')}", *args.overrides])
         clear_run(cfg)  # each benchmark run starts fresh, never resumes
         t0 = time.time()
         result = run_training(cfg, evaluate=False)  # scored below, side by side with the teacher
@@ -57,7 +63,7 @@ def main() -> None:
     mlflow.set_tracking_uri(f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}")
     mlflow.set_experiment("benchmarks")
     with mlflow.start_run(run_name="objectives"):
-        mlflow.log_params({"minutes": args.minutes, "objectives": ",".join(args.objectives)})
+        mlflow.log_params({"minutes": args.minutes, "objectives": ",".join(n for n, _ in variants)})
         mlflow.log_metric("floor_fd", bench.evaluator.floor_fd)
         for r in rows:
             key = f"{r.model}_nfe{r.nfe}".replace(" ", "_").replace("(", "").replace(")", "")

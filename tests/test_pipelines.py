@@ -192,3 +192,17 @@ def test_preprocess_train_lora_ddp_export_and_run_in_the_stock_pipeline(tiny, tm
         assert diff <= SAME, f"{nfe} NFE: `apexdistill sample` vs from_pretrained(export): {diff:.3g} > {SAME}"
     images = sample_run(model, run_cfg, list(PROMPTS), 1, 1, seed=5)
     assert images.shape == (2, 3, SIDE, SIDE) and images.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_shipped_distill_configs_load_with_a_pipeline_of_their_family(tiny, name):
+    """jobs/configs/distill_<family>.yaml validates with a pipeline folder of that family in model.path
+    (the real checkpoint's place), and takes the family, encoder and VAE from it."""
+    from pathlib import Path
+
+    from apexdistill.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "configs" / f"distill_{name}.yaml"
+    cfg = load_config(path, [f"model.path={tiny[name]}", f"data.resolution={SIDE}", "data.path=/tmp/any.parquet"])
+    assert cfg.model.backbone == name and cfg.text_encoder.kind == "pipeline" and cfg.vae.path == str(tiny[name])
+    assert cfg.model.lora.enabled and cfg.train.strategy == "fsdp2" and cfg.objective.apex.guidance_ratio > 0
