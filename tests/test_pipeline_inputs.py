@@ -279,6 +279,11 @@ def test_refuses_text_width_mismatch(folders, tmp_path):
     assert f"width {width + 8}" in msg and f"gives {width}" in msg, msg
 
 
+def test_refuses_an_own_text_encoder_of_the_wrong_width(folders):
+    msg = _refused(_overrides(folders["sana"], "text_encoder.kind=minilm"))
+    assert "gives 384" in msg and "text_encoder.kind=pipeline" in msg, msg
+
+
 def test_refuses_resolution_off_the_grid(folders):
     msg = _refused([f"model.path={folders['sana']}", "data.resolution=30", f"text_encoder.max_length={L}"])
     # tiny Sana: AutoencoderDC f2 x patch 2 = 4

@@ -222,11 +222,18 @@ def pipeline_defaults(cfg: Any, explicit: dict[str, bool]) -> dict[str, Any]:
     t_conf = json.loads((folder / "transformer" / "config.json").read_text())
     want = family.text_dim(t_conf)
     if kind == "pipeline":
-        got, where = pipeline_encoder_info(te.model_copy(update={"path": updates["text_encoder.path"],
-                                                                 "max_length": updates["text_encoder.max_length"]}))["dim"], updates["text_encoder.path"]
-        if got != want:
-            raise ValueError(f"model.path: the transformer at '{folder / 'transformer'}' takes text states of width {want} "
-                             f"but the text encoder at '{where}' gives {got} (hidden_size); they must come from the same pipeline")
+        where = updates["text_encoder.path"]
+        got = pipeline_encoder_info(te.model_copy(update={"path": where, "max_length": updates["text_encoder.max_length"]}))["dim"]
+    else:  # the user's own encoder (MiniLM or a transformers folder): its width must fit too
+        from apexdistill.models.text import minilm_path
+
+        where = te.path if kind == "transformers" else minilm_path()
+        conf = json.loads((Path(where) / "config.json").read_text())
+        got = conf.get("hidden_size") or (conf.get("text_config") or {}).get("hidden_size")
+    if got != want:
+        raise ValueError(f"model.path: the transformer at '{folder / 'transformer'}' takes text states of width {want} "
+                         f"but the text encoder at '{where}' gives {got} (hidden_size); use the pipeline's own "
+                         f"(text_encoder.kind=pipeline) or one of width {want}")
     step = vae_cls.config_downsample(vae_conf) * family.patch_size(t_conf)
     if cfg.data.resolution % step:
         raise ValueError(f"data.resolution={cfg.data.resolution} is not a multiple of the VAE factor "
