@@ -312,6 +312,55 @@ def test_identity_shift_twinflow_fake_branch_is_real_branch():
 NO_GENERATOR_WARMUP = {"generator_warmup_steps": 0, "generator_ramp_steps": 0}
 
 
+def test_apex_guidance_ratio_guides_the_anchor_with_the_reference_weights():
+    """guidance_ratio r: the anchor's target is (z - x) + r*(v_ref(x_t, t, c) - v_ref(x_t, t, c_neg)), both
+    velocities from the reference weights (set_guidance's context) without gradient, at the anchor's point."""
+    import contextlib
+
+    r, n = 2.0, 8
+    obj = make_objective("apex", apex={"guidance_ratio": r, "lambda_g": 0.0, "lambda_p": 0.0, "lambda_r": 1.0})
+    live, ref = ToyVelocity().double(), ToyVelocity().double()
+    active = {"model": live}
+
+    class Switch(nn.Module):
+        def forward(self, *args, **kw):
+            return active["model"](*args, **kw)
+
+    @contextlib.contextmanager
+    def reference():
+        active["model"] = ref
+        try:
+            yield
+        finally:
+            active["model"] = live
+
+    neg, neg_mask = torch.randn(1, TEXT_LEN, TEXT_DIM, dtype=torch.float64), torch.ones(1, TEXT_LEN)
+    obj.set_guidance((neg, neg_mask), reference)
+    model, batch = Recorder(Switch()), make_batch(n)
+    loss, _ = obj.loss(model, batch, step=0)
+    guided = [c for c in model.calls if not c["grad"] and c["x"].shape[0] == 2 * n and torch.equal(c["text"][n:], neg.expand(n, -1, -1))]
+    assert len(guided) == 1, "one batched no-gradient pass for v_cond and v_uncond"
+    x_t, t = guided[0]["x"][:n], guided[0]["t"][:n]
+    assert torch.equal(guided[0]["text"][:n], batch["text"]) and torch.equal(t, guided[0]["t"][n:])
+    with torch.no_grad():
+        guide = ref(x_t, t, batch["text"], batch["text_mask"]) - ref(x_t, t, neg.expand(n, -1, -1), neg_mask.expand(n, -1))
+        live_guide = live(x_t, t, batch["text"], batch["text_mask"]) - live(x_t, t, neg.expand(n, -1, -1), neg_mask.expand(n, -1))
+    z = (x_t - (1 - t)[:, None, None, None] * batch["x"]) / t[:, None, None, None]
+    expected = (live(x_t, t, batch["text"], batch["text_mask"]) - ((z - batch["x"]) + r * guide)).pow(2).flatten(1).mean(1).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-9)
+    from_live = (live(x_t, t, batch["text"], batch["text_mask"]) - ((z - batch["x"]) + r * live_guide)).pow(2).flatten(1).mean(1).mean()
+    assert abs(float(loss) - float(from_live)) > 1e-6, "the guidance must come from the reference weights, not the live ones"
+    assert active["model"] is live
+
+
+def test_apex_guidance_ratio_needs_reference_weights():
+    with pytest.raises(Exception, match="frozen base|EMA"):
+        build_config({}, ["objective.apex.guidance_ratio=1", "train.ema_decay=0"])
+    obj = make_objective("apex", apex={"guidance_ratio": 1.0})
+    with pytest.raises(RuntimeError, match="set_guidance"):
+        obj.loss(ToyVelocity().double(), make_batch(), step=0)
+
+
 def test_apex_generator_warmup_and_ramp():
     obj = make_objective("apex", apex={"generator_warmup_steps": 10, "generator_ramp_steps": 10, "lambda_g": 0.4})
     model, batch = ToyVelocity().double(), make_batch()

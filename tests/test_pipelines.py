@@ -143,7 +143,7 @@ def test_exported_lora_student_runs_in_the_stock_pipeline(tiny, name, tmp_path):
                                 **{family.guidance_argument: family.guidance_off})).abs().max()) > 0  # 2 NFE differs from 1
 
 
-def test_preprocess_train_lora_ddp_export_and_run_in_the_stock_pipeline(tiny, tmp_path):
+def test_preprocess_train_lora_ddp_export_and_run_in_the_stock_pipeline(tiny, tmp_path, capsys):
     """The whole product on a tiny Sana pipeline: Ray Data preprocessing with the pipeline's encoders
     in actors (cached embeddings = encode_prompt, cached latents = the VAE's normalization, one
     negative embedding), 2 DDP workers with LoRA and guidance from the frozen base, export, and the
@@ -192,6 +192,19 @@ def test_preprocess_train_lora_ddp_export_and_run_in_the_stock_pipeline(tiny, tm
         assert diff <= SAME, f"{nfe} NFE: `apexdistill sample` vs from_pretrained(export): {diff:.3g} > {SAME}"
     images = sample_run(model, run_cfg, list(PROMPTS), 1, 1, seed=5)
     assert images.shape == (2, 3, SIDE, SIDE) and images.abs().max() <= 1.0
+
+    # `apexdistill evaluate` on a pipeline run: the teacher as users run it next to the student, a grid
+    # decoded through the VAE, and no digit metrics (said, not faked)
+    from apexdistill.cli import main
+
+    grid = tmp_path / "eval.png"
+    capsys.readouterr()
+    assert main(["evaluate", str(result.run_dir), "--nfe", "1", "2", "-o", str(grid)]) == 0
+    printed = capsys.readouterr().out
+    assert "| teacher | 50 |" in printed and "| student | 2 |" in printed and "built-in digits only" in printed
+    from PIL import Image
+
+    assert Image.open(grid).size[1] > 3 * SIDE  # three rows: teacher, student 1 NFE, student 2 NFE
 
 
 @pytest.mark.parametrize("name", family_names())

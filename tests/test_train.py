@@ -48,7 +48,9 @@ def test_fm_trains_checkpoints_and_resumes(tmp_path, shared_cache):
 
 
 def test_apex_with_learnable_shift_updates_shift_and_exports(tmp_path, shared_cache):
-    cfg = _cfg(tmp_path, shared_cache, "run.name=apex", "objective.shift.learnable=true", "objective.shift.lr_mult=10", "train.steps=3", "train.lr=1e-3")
+    # with guidance from the EMA (guidance_ratio > 0, no LoRA): the swap must not break the step's backward
+    cfg = _cfg(tmp_path, shared_cache, "run.name=apex", "objective.shift.learnable=true", "objective.shift.lr_mult=10", "train.steps=3",
+               "train.lr=1e-3", "objective.apex.guidance_ratio=1")
     result = run_training(cfg)
     shift = load_file(str(result.checkpoint_dir / "objective.safetensors"))
     assert float(shift["shift.a"]) != -1.0 or float(shift["shift.b"]) != 0.0
@@ -104,3 +106,51 @@ def test_resume_is_exact_and_refuses_a_changed_setup(tmp_path, shared_cache):
 
     with pytest.raises(Exception, match=r"different setup.*objective\.name"):
         run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", "train.steps=6", "objective.name=apex", "train.lr=1e-3"))
+
+
+def test_reference_weights_are_the_frozen_base_under_lora_and_the_ema_without():
+    """Guidance targets (objective.apex.guidance_ratio) come from the frozen base under LoRA (adapters
+    disabled, then enabled again) and from the EMA otherwise (swapped in, then the live weights back)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from apexdistill.config import LoraConfig, ModelConfig
+    from apexdistill.method.ema import EMA
+    from apexdistill.models.build import build_backbone
+    from apexdistill.models.lora import apply_lora
+    from apexdistill.train.loop import reference_weights
+
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([0.3, 0.7])
+    text, mask = torch.randn(2, 4, 384), torch.ones(2, 4, dtype=torch.long)
+
+    base = build_backbone(ModelConfig(), 1, 16, 384).eval()
+    with torch.no_grad():
+        base_out = base(x, t, text, mask)
+    lora = apply_lora(base, LoraConfig(enabled=True, rank=2, targets=[]))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if ".lora_B" in n:
+                p.add_(0.1)
+        adapted = lora(x, t, text, mask)
+        with reference_weights(SimpleNamespace(backbone=lora, ema=None)):
+            assert torch.allclose(lora(x, t, text, mask), base_out, atol=1e-6)
+        assert torch.equal(lora(x, t, text, mask), adapted)
+    assert (adapted - base_out).abs().max() > 1e-3
+
+    full = build_backbone(ModelConfig(), 1, 16, 384).eval()
+    ema = EMA(full, 0.9)
+    with torch.no_grad():
+        ema_out = full(x, t, text, mask)
+        for p in full.parameters():
+            p.add_(0.01)
+        live_out = full(x, t, text, mask)
+        with reference_weights(SimpleNamespace(backbone=full, ema=ema)):
+            assert torch.equal(full(x, t, text, mask), ema_out)
+        assert torch.equal(full(x, t, text, mask), live_out)
+    try:
+        with reference_weights(SimpleNamespace(backbone=full, ema=None)):
+            raise AssertionError("no reference weights without LoRA or EMA")
+    except ValueError as exc:
+        assert "ema_decay" in str(exc)

@@ -77,9 +77,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from apexdistill.train.data import digit_caption_table
 
     model, cfg = _load_model_arg(args.run, use_ema=not args.raw)
+    if cfg.text_encoder.kind == "pipeline":
+        return _evaluate_pipeline_run(args, model, cfg)
     if cfg.data.source != "digits" or cfg.vae.path:
         raise ValueError(f"'{args.run}': evaluate scores prompt accuracy and the FD proxy with the built-in digit classifier, "
-                         "so it needs a run on the built-in digits in pixel space; use `apexdistill sample` to look at a pipeline run")
+                         "so it needs a run on the built-in digits in pixel space; use `apexdistill sample` to look at this run")
     if args.workdir:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workdir": args.workdir})})
     if args.samples_per_class:
@@ -87,6 +89,47 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     bench = DigitsBench(cfg, *digit_caption_table(cfg))
     rows = bench.score(Path(args.run).name, model, args.nfe, "euler" if args.euler else "few_step")
     print(format_table(rows, bench.evaluator.floor_fd))
+    return 0
+
+
+def _cache_captions(uri: str, limit: int = 4) -> list[str]:
+    """The first distinct captions of a preprocessing cache (reads the caption column of its first file)."""
+    import posixpath
+
+    import pyarrow.parquet as pq
+
+    from apexdistill.data.cache import read_complete_manifest
+    from apexdistill.data.sources import open_fs
+
+    fs, folder = open_fs(uri)
+    manifest = read_complete_manifest(fs, folder) or {"files": []}
+    captions: list[str] = []
+    for f in manifest["files"]:
+        with fs.open(posixpath.join(folder, f["path"]), "rb") as fh:
+            for caption in pq.read_table(fh, columns=["caption"]).column("caption").to_pylist():
+                if caption not in captions:
+                    captions.append(str(caption))
+                if len(captions) == limit:
+                    return captions
+    return captions
+
+
+def _evaluate_pipeline_run(args: argparse.Namespace, model, cfg) -> int:
+    """A run distilled from a stock pipeline: the teacher as users run it next to the student, timed, one grid."""
+    from apexdistill.eval.pipeline import evaluate_pipeline_run, format_pipeline_table
+    from apexdistill.train.data import DataShapes
+    from apexdistill.train.export import resolve_checkpoint
+
+    _, ckpt = resolve_checkpoint(args.run)
+    run_folder = ckpt.parent.parent
+    prompts = list(args.prompt or _cache_captions(DataShapes.load(run_folder).cache_uri))
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt (the run's cache has no captions)")
+    out = Path(args.output) if args.output else run_folder / "eval" / "samples.png"
+    rows = evaluate_pipeline_run(model, cfg, prompts, list(args.nfe), out, seed=args.seed)
+    print(format_pipeline_table(rows))
+    print(f"[evaluate] grid (rows: teacher at {cfg.eval.teacher_nfe} NFE with guidance {cfg.teacher.guidance_scale:g}, "
+          f"then the student at {', '.join(map(str, args.nfe))} NFE): {out}")
     return 0
 
 
@@ -211,13 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.resolution=32")
     pp.set_defaults(fn=_cmd_preprocess)
 
-    e = sub.add_parser("evaluate", help="score a run's checkpoint at 1/2/4 NFE on the built-in digits")
+    e = sub.add_parser("evaluate", help="score a run's checkpoint at 1/2/4 NFE (digits: accuracy and FD proxy; pipelines: "
+                                         "teacher vs student grid and ms/image)")
     e.add_argument("run", help="run folder (<workdir>/runs/<name>) or a checkpoint folder")
     e.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4])
     e.add_argument("--euler", action="store_true", help="use the multi-step Euler ODE sampler (teachers)")
     e.add_argument("--raw", action="store_true", help="evaluate the raw weights instead of the EMA")
     e.add_argument("--samples-per-class", type=int, default=None)
     e.add_argument("--workdir", default=None, help="where the evaluator's classifier is cached")
+    e.add_argument("--prompt", action="append", default=None,
+                   help="pipeline runs: a prompt for the teacher-vs-student grid (repeatable; default: captions of the run's cache)")
+    e.add_argument("--seed", type=int, default=0, help="pipeline runs: noise seed of the grid")
+    e.add_argument("-o", "--output", default=None, help="pipeline runs: the grid PNG (default <run>/eval/samples.png)")
     e.set_defaults(fn=_cmd_evaluate)
 
     s = sub.add_parser("sample", help="write a PNG grid of samples for prompts")

@@ -57,6 +57,10 @@ class Apex(ShiftedObjective):
         t_real = sample_time(n, self.anchor_time, x.device).to(x.dtype)
         x_real_t = interpolate(x, z3, t_real)
 
+        # 6'. the anchor's target first: its guidance comes from the reference weights, which may be
+        # swapped into the live parameters (the EMA), so no graph may exist yet
+        target_real = self._real_target(model, x, z3, x_real_t, t_real, c, mask) if p.lambda_r > 0 else None
+
         # The generator output is needed before x_s exists, so the generator pass runs first;
         # the fake-branch and anchor passes then share one batched call.
         v_gen = model(z, t0, c, mask)
@@ -76,7 +80,7 @@ class Apex(ShiftedObjective):
         loss_gen = mse(v_gen, (v_gen - correction).detach()).mean()  # 4.
         loss_fake = mse(v_fake_s, velocity_target(x_g, z2)).mean()  # 5.
         if v_real_x is not None:  # 6.
-            loss_real = mse(v_real_x, self._real_target(model, x, z3, x_real_t, t_real, c, mask)).mean()
+            loss_real = mse(v_real_x, target_real).mean()
         else:
             loss_real = torch.zeros((), device=x.device)
         lambda_g = p.lambda_g * ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)

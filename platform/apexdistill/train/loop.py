@@ -311,7 +311,9 @@ class InTrainingEval:
 @contextlib.contextmanager
 def reference_weights(strategy: Strategy) -> Any:
     """The weights guidance targets come from: the frozen base under LoRA (adapters disabled), else
-    the EMA (swapped into the live parameters for the duration, then restored)."""
+    the EMA (swapped into the live parameters for the duration, then restored). The swap writes the
+    parameters in place, so it must happen before the step builds any autograd graph (``apex``
+    computes its guided target first)."""
     from apexdistill.models.lora import has_lora
 
     backbone = strategy.backbone
