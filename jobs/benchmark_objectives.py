@@ -4,13 +4,14 @@ Prints the demo table for each objective (teacher at 50 and 1 NFE, student at 1 
 ``<workdir>/benchmarks/objectives.json`` and logs every row to MLflow (SQLite in the work directory).
 
     python jobs/benchmark_objectives.py --objectives apex apex_literal regression --minutes 4.5
-    python jobs/benchmark_objectives.py --guidance-ratios 0 1 3 --minutes 30 train.steps=400   # apex with guidance r
+    python jobs/benchmark_objectives.py --guidance-ratios 0 1 3 --guidance-references frozen ema --minutes 30 train.steps=400
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=4.5, help="distillation budget per objective")
     p.add_argument("--guidance-ratios", nargs="*", type=float, default=None,
                    help="instead of --objectives: apex with each objective.apex.guidance_ratio r (guidance from the EMA)")
+    p.add_argument("--guidance-references", nargs="*", default=["auto"], help="with --guidance-ratios: objective.apex.guidance_reference values")
     p.add_argument("--workdir", default="./apex-runs")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -39,11 +41,13 @@ def main() -> None:
     teacher = build_backbone(base.model, 1, base.data.resolution, 384).eval()
     rows = bench.score("teacher", teacher, [base.eval.teacher_nfe], "euler") + bench.score("teacher", teacher, [1], "few_step")
     timing = {}
-    variants = ([(f"apex r={r:g}", ["objective.name=apex", f"objective.apex.guidance_ratio={r}"]) for r in args.guidance_ratios]
+    variants = ([(f"apex r={r:g} {ref}" if r else "apex r=0", ["objective.name=apex", f"objective.apex.guidance_ratio={r}",
+                                                               f"objective.apex.guidance_reference={ref}"])
+                 for r in args.guidance_ratios for ref in (args.guidance_references if r else args.guidance_references[:1])]
                 if args.guidance_ratios is not None else [(name, [f"objective.name={name}"]) for name in args.objectives])
     for name, extra in variants:
         cfg = demo_config(args.workdir, overrides=[f"train.max_minutes={args.minutes}", *extra,
-                                                   f"run.name=bench-{name.replace(' ', '-').replace('=', '')}", *args.overrides])
+                                                   f"run.name=bench-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}", *args.overrides])
         clear_run(cfg)  # each benchmark run starts fresh, never resumes
         t0 = time.time()
         result = run_training(cfg, evaluate=False)  # scored below, side by side with the teacher
@@ -66,7 +70,7 @@ def main() -> None:
         mlflow.log_params({"minutes": args.minutes, "objectives": ",".join(n for n, _ in variants)})
         mlflow.log_metric("floor_fd", bench.evaluator.floor_fd)
         for r in rows:
-            key = f"{r.model}_nfe{r.nfe}".replace(" ", "_").replace("(", "").replace(")", "")
+            key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{r.model}_nfe{r.nfe}").strip("_")
             mlflow.log_metric(f"{key}_fd", r.fd)
             if r.accuracy is not None:
                 mlflow.log_metric(f"{key}_accuracy", r.accuracy)

@@ -149,6 +149,11 @@ def test_reference_weights_are_the_frozen_base_under_lora_and_the_ema_without():
         with reference_weights(SimpleNamespace(backbone=full, ema=ema)):
             assert torch.equal(full(x, t, text, mask), ema_out)
         assert torch.equal(full(x, t, text, mask), live_out)
+        # the kept initial weights (guidance_reference=frozen): the teacher, whatever the EMA did
+        kept = {n: p.detach().clone() - 0.01 for n, p in full.named_parameters()}
+        with reference_weights(SimpleNamespace(backbone=full, ema=ema), "frozen", kept):
+            frozen_out = full(x, t, text, mask)
+        assert torch.allclose(frozen_out, ema_out, atol=1e-6) and torch.equal(full(x, t, text, mask), live_out)
     try:
         with reference_weights(SimpleNamespace(backbone=full, ema=None)):
             raise AssertionError("no reference weights without LoRA or EMA")

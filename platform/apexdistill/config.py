@@ -166,6 +166,10 @@ class ApexConfig(_Section):
         None, ge=0.0, description="r (the released code's enhanced_ratio; CFG scale 1 + r): the real anchor's target becomes "
         "(z - x) + r*(v_cond - v_uncond), both from the frozen base (LoRA) or the EMA, without gradient; default: the "
         "teacher's guidance as r (pipelines), 0 without a pipeline")
+    guidance_reference: Literal["auto", "frozen", "ema"] = Field(
+        "auto", description="weights the guidance velocities come from: frozen (the initial weights, i.e. the teacher: the "
+        "base with adapters disabled under LoRA, a kept copy of the trained parameters otherwise), ema (the EMA of the "
+        "trained weights), auto = the released code's choice: frozen under LoRA, ema without")
     # Defaults measured on the built-in digits with the tiny Sana backbone (README, "Tuning apex"):
     # lambda_g = 1 and no generator warm-up destabilised the shared network there.
     lambda_g: float = Field(0.2, ge=0, description="weight of the generator term L_gen")
@@ -304,9 +308,10 @@ class Config(_Section):
     def _combinations(self) -> "Config":
         _check_parallel_setup(self)
         if (self.objective.name == "apex" and (self.objective.apex.guidance_ratio or 0) > 0 and not self.model.lora.enabled
-                and self.train.ema_decay == 0):
-            raise ValueError("objective.apex.guidance_ratio > 0 takes its guidance from the frozen base (model.lora.enabled=true) "
-                             "or the EMA (train.ema_decay > 0): enable one, or set objective.apex.guidance_ratio=0")
+                and self.train.ema_decay == 0 and self.objective.apex.guidance_reference != "frozen"):
+            raise ValueError("objective.apex.guidance_ratio > 0 takes its guidance from the frozen base (model.lora.enabled=true "
+                             "or objective.apex.guidance_reference=frozen) or the EMA (train.ema_decay > 0): choose one, "
+                             "or set objective.apex.guidance_ratio=0")
         if self.objective.name == "twinflow":
             if self.objective.shift.learnable:
                 raise ValueError("objective.name='twinflow' uses a fixed condition shift: set objective.shift.learnable=false")

@@ -58,6 +58,18 @@ def _copy_text_encoder(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / "tokenizer" / f.name)
 
 
+def _publish(tmp: Path, folder: Path) -> None:
+    """Move a fully written ``tmp`` folder into place (an existing ``folder`` is replaced only now)."""
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+
+
 def save_pipeline(
     folder: str | Path,
     backbone: Backbone,
@@ -106,14 +118,7 @@ def save_pipeline(
             "extra": extra_meta or {},
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        _publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -341,14 +346,7 @@ def save_stock_pipeline(
         meta.update(lora_merged=lora, family=family.name, teacher=str(teacher.resolve()), linked=link)
         (tmp / MODEL_CARD).write_text(model_card(family, teacher, meta))
         (tmp / META_FILE).write_text(json.dumps({"format": META_FORMAT, "stock_pipeline": True, **meta}, indent=2, default=str))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        _publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -309,36 +309,53 @@ class InTrainingEval:
 
 
 @contextlib.contextmanager
-def reference_weights(strategy: Strategy) -> Any:
-    """The weights guidance targets come from: the frozen base under LoRA (adapters disabled), else
-    the EMA (swapped into the live parameters for the duration, then restored). The swap writes the
-    parameters in place, so it must happen before the step builds any autograd graph (``apex``
-    computes its guided target first)."""
+def reference_weights(strategy: Strategy, source: str = "auto", frozen: dict[str, torch.Tensor] | None = None) -> Any:
+    """The weights guidance targets come from (``objective.apex.guidance_reference``): under LoRA the
+    frozen base (adapters disabled); otherwise ``frozen`` (the initial trained parameters, kept at the
+    start: the teacher) or the EMA (``auto``). Swapped into the live parameters for the duration and
+    restored: the swap writes them in place, so it must happen before the step builds any autograd
+    graph (``apex`` computes its guided target first)."""
     from apexdistill.models.lora import has_lora
 
     backbone = strategy.backbone
-    if has_lora(backbone):
+    if has_lora(backbone) and source in ("auto", "frozen"):
         backbone.transformer.disable_adapters()
         try:
             yield
         finally:
             backbone.transformer.enable_adapters()
         return
-    if strategy.ema is None:
-        raise ValueError("objective.apex.guidance_ratio > 0 takes its guidance from the frozen base (model.lora.enabled=true) "
-                         "or the EMA (train.ema_decay > 0): enable one")
+    if source == "frozen":
+        if frozen is None:
+            raise ValueError("objective.apex.guidance_reference=frozen without LoRA needs the kept initial weights")
+        values = frozen
+    elif strategy.ema is not None:
+        values = strategy.ema.shadow
+    else:
+        raise ValueError("objective.apex.guidance_ratio > 0 takes its guidance from the frozen base (model.lora.enabled=true or "
+                         "objective.apex.guidance_reference=frozen) or the EMA (train.ema_decay > 0): enable one")
     params = dict(backbone.named_parameters())
     saved = {}
     with torch.no_grad():
-        for name, shadow in strategy.ema.shadow.items():
+        for name, value in values.items():
             saved[name] = params[name].detach().clone()
-            params[name].detach().copy_(shadow)
+            params[name].detach().copy_(value)
     try:
         yield
     finally:
         with torch.no_grad():
             for name, value in saved.items():
                 params[name].detach().copy_(value)
+
+
+def keep_initial_weights(cfg: Config, backbone: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A copy of the trained parameters as they start (the teacher's), when guidance needs them."""
+    from apexdistill.models.lora import has_lora
+
+    apex = cfg.objective.apex
+    if cfg.objective.name != "apex" or not (apex.guidance_ratio or 0) > 0 or apex.guidance_reference != "frozen" or has_lora(backbone):
+        return None
+    return {n: p.detach().clone() for n, p in backbone.named_parameters() if p.requires_grad}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -362,8 +379,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     strategy.wrap(backbone, objective)
     negative = loop_config.get("negative")
     if negative is not None:
+        frozen = keep_initial_weights(cfg, backbone)  # before a checkpoint is loaded: the teacher's weights
+        source = cfg.objective.apex.guidance_reference
         objective.set_guidance((torch.tensor(negative["text"], dtype=torch.float32), torch.tensor(negative["mask"], dtype=torch.long)),
-                               lambda: reference_weights(strategy))
+                               lambda: reference_weights(strategy, source, frozen))
     torch.manual_seed(cfg.run.seed + 1000 * rank)  # then different noise on every rank
 
     from apexdistill.tracking import RunLogger
