@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole set-up on a fresh Debian/Ubuntu machine: the system packages the test suite drives for real
+# (Debian's chromium + chromium-driver for the report in a browser, postgresql for the multi-user MLflow
+# store; nothing is downloaded by the tests themselves), then a virtualenv in .venv with the pinned
+# CPU stack and this project in editable mode. Re-running it is cheap: what is there is kept.
+#   bash jobs/setup.sh && . .venv/bin/activate
+# SKIP_SYSTEM_PACKAGES=1 skips the apt step (the library and `apexdistill demo` need none of them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${SKIP_SYSTEM_PACKAGES:-0}" != "1" ]; then
+  need=()
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v chromedriver >/dev/null || need+=(chromium-driver)
+  ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+  if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "[setup] installing Debian packages: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+echo "[setup] installing the Python packages into .venv (about 2 minutes the first time)"
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet -e ".[dev]"
+echo "[setup] done: . .venv/bin/activate, then apexdistill demo"
