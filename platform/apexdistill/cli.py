@@ -126,7 +126,7 @@ def _evaluate_pipeline_run(args: argparse.Namespace, model, cfg) -> int:
     if not prompts:
         raise ValueError("no prompts: pass --prompt (the run's cache has no captions)")
     out = Path(args.output) if args.output else run_folder / "eval" / "samples.png"
-    rows = evaluate_pipeline_run(model, cfg, prompts, list(args.nfe), out, seed=args.seed)
+    rows = evaluate_pipeline_run(model, cfg, prompts, list(args.nfe), out, seed=args.seed, device=args.device or default_device())
     print(format_pipeline_table(rows))
     print(f"[evaluate] grid (rows: teacher at {cfg.eval.teacher_nfe} NFE with guidance {cfg.teacher.guidance_scale:g}, "
           f"then the student at {', '.join(map(str, args.nfe))} NFE): {out}")
@@ -137,36 +137,43 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from apexdistill.eval.grid import save_grid
 
     model, cfg = _load_model_arg(args.run, use_ema=not args.raw)
-    images = sample_run(model, cfg, list(args.prompt), args.num, args.nfe, args.seed)
+    images = sample_run(model, cfg, list(args.prompt), args.num, args.nfe, args.seed, device=args.device or default_device())
     save_grid(images, args.output, nrow=args.num)
     print(f"[sample] {images.shape[0]} image(s) at {args.nfe} NFE -> {args.output}")
     return 0
 
 
-def sample_run(model, cfg, prompts: list[str], num: int, nfe: int, seed: int, latents: bool = False):
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sample_run(model, cfg, prompts: list[str], num: int, nfe: int, seed: int, latents: bool = False, device: str = "cpu"):
     """Images (or, with ``latents``, the sampled latents) of a trained run for ``prompts``, ``num``
-    each, from noise seeded by ``seed``. Pipeline runs sample exactly as the exported stock pipeline
-    does (the student scheduler, the family's layout and random draws) and decode through the VAE."""
+    each, from noise seeded by ``seed`` (drawn on the CPU, as diffusers does with a CPU generator).
+    Pipeline runs sample exactly as the exported stock pipeline does (the student scheduler, the
+    family's layout and random draws) and decode through the VAE. Returned on the CPU."""
     import torch
 
     from apexdistill.method.sampler import sample_few_step
     from apexdistill.models.family import get_family
+    from apexdistill.models.text import build_text_encoder
     from apexdistill.models.vae import build_vae
-    from apexdistill.train.data import encode_captions
 
-    text, mask = encode_captions(cfg, prompts)
-    text, mask = text.repeat_interleave(num, 0), mask.repeat_interleave(num, 0)
-    side = cfg.data.resolution
-    vae = build_vae(cfg.vae, cfg.data.image_channels)
-    c, h, w = vae.latent_shape(side)
-    z = torch.randn((len(prompts) * num, c, h, w), generator=torch.Generator().manual_seed(seed))
-    g = torch.Generator().manual_seed(seed)
+    text, mask = build_text_encoder(cfg.text_encoder).to(device).encode(prompts)
+    text, mask = text.repeat_interleave(num, 0).to(device), mask.repeat_interleave(num, 0).to(device)
+    vae = build_vae(cfg.vae, cfg.data.image_channels).to(device)
+    c, h, w = vae.latent_shape(cfg.data.resolution)
+    z = torch.randn((len(prompts) * num, c, h, w), generator=torch.Generator().manual_seed(seed)).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    model = model.to(device)
     if cfg.text_encoder.kind == "pipeline":
         torch.manual_seed(seed)  # the families whose pipelines re-noise from the global RNG
         x = get_family(cfg.model.backbone).sample_student(model, z, text, mask, nfe, generator=g)
     else:
         x = sample_few_step(model, z, text, mask, nfe=nfe, generator=g)
-    return x if latents else vae.decode(x).clamp(-1, 1)
+    return (x if latents else vae.decode(x).clamp(-1, 1)).cpu()
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -265,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", action="append", default=None,
                    help="pipeline runs: a prompt for the teacher-vs-student grid (repeatable; default: captions of the run's cache)")
     e.add_argument("--seed", type=int, default=0, help="pipeline runs: noise seed of the grid")
+    e.add_argument("--device", default=None, help="pipeline runs: cpu or cuda (default: cuda when available)")
     e.add_argument("-o", "--output", default=None, help="pipeline runs: the grid PNG (default <run>/eval/samples.png)")
     e.set_defaults(fn=_cmd_evaluate)
 
@@ -274,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nfe", type=int, default=1)
     s.add_argument("--num", type=int, default=8, help="images per prompt")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--raw", action="store_true")
     s.add_argument("-o", "--output", default="samples.png")
     s.set_defaults(fn=_cmd_sample)

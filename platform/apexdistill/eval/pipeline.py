@@ -40,12 +40,14 @@ def load_teacher_scheduler(folder: str | Path) -> Any:
 def _timed(fn: Any) -> tuple[torch.Tensor, float]:
     started = time.perf_counter()
     out = fn()
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
     return out, time.perf_counter() - started
 
 
 @torch.no_grad()
 def evaluate_pipeline_run(model: Any, cfg: Any, prompts: list[str], nfes: list[int], out_png: str | Path,
-                          per_prompt: int = 2, seed: int = 0) -> list[PipelineEvalRow]:
+                          per_prompt: int = 2, seed: int = 0, device: str = "cpu") -> list[PipelineEvalRow]:
     """Teacher (``eval.teacher_nfe``, ``teacher.guidance_scale``) and student rows with ms/image, and a
     grid (rows: teacher, then the student at each NFE) written to ``out_png``."""
     from apexdistill.eval.grid import save_grid
@@ -55,28 +57,30 @@ def evaluate_pipeline_run(model: Any, cfg: Any, prompts: list[str], nfes: list[i
     from apexdistill.models.vae import build_vae
 
     family = get_family(cfg.model.backbone)
-    encoder = build_text_encoder(cfg.text_encoder)
+    encoder = build_text_encoder(cfg.text_encoder).to(device)
     text, mask = encoder.encode(prompts)
-    neg, neg_mask = encoder.encode_negative()
-    text, mask = text.repeat_interleave(per_prompt, 0), mask.repeat_interleave(per_prompt, 0)
-    vae = build_vae(cfg.vae, cfg.data.image_channels)
+    neg, neg_mask = (v.to(device) for v in encoder.encode_negative())
+    del encoder
+    text, mask = text.repeat_interleave(per_prompt, 0).to(device), mask.repeat_interleave(per_prompt, 0).to(device)
+    vae = build_vae(cfg.vae, cfg.data.image_channels).to(device)
     c, h, w = vae.latent_shape(cfg.data.resolution)
-    z = torch.randn((text.shape[0], c, h, w), generator=torch.Generator().manual_seed(seed))
+    z = torch.randn((text.shape[0], c, h, w), generator=torch.Generator().manual_seed(seed)).to(device)
+    model = model.to(device)
     teacher = build_backbone(cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}),
-                             c, h, text.shape[-1]).eval()
+                             c, h, text.shape[-1]).to(device).eval()
     n, rows, images = z.shape[0], [], []
     scheduler = load_teacher_scheduler(cfg.model.path)
     x, seconds = _timed(lambda: family.sample(teacher, scheduler, z, text, mask, cfg.eval.teacher_nfe, cfg.teacher.guidance_scale,
-                                              neg, neg_mask, generator=torch.Generator().manual_seed(seed)))
+                                              neg, neg_mask, generator=torch.Generator(device=device).manual_seed(seed)))
     rows.append(PipelineEvalRow("teacher", cfg.eval.teacher_nfe, 1000 * seconds / n))
     images.append(vae.decode(x).clamp(-1, 1))
     for nfe in nfes:
         torch.manual_seed(seed)
-        x, seconds = _timed(lambda: family.sample_student(model, z, text, mask, nfe, generator=torch.Generator().manual_seed(seed)))
+        x, seconds = _timed(lambda: family.sample_student(model, z, text, mask, nfe, generator=torch.Generator(device=device).manual_seed(seed)))
         rows.append(PipelineEvalRow("student", nfe, 1000 * seconds / n))
         images.append(vae.decode(x).clamp(-1, 1))
     labels = [f"{r.model} {r.nfe} NFE" for r in rows]
-    save_grid(torch.cat(images), out_png, nrow=n, labels_text=labels)
+    save_grid(torch.cat(images).float().cpu(), out_png, nrow=n, labels_text=labels)
     return rows
 
 
