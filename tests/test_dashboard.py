@@ -127,7 +127,11 @@ def test_report_in_headless_chromium(report):
 
         # sorting: click the "FD 1 NFE" header twice, the rows come out ascending then descending
         headers = table.find_elements(By.CSS_SELECTOR, "thead th")
-        col = [h.text for h in headers].index("FD 1 NFE")
+        names = [h.text for h in headers]
+        col = names.index("FD 1 NFE")
+        # results lead: the scores come right after the run name, before any config column, and are on screen
+        assert col == 1 and names.index("steps") < names.index("status") < len(names) - len(data["param_columns"])
+        assert headers[col].rect["x"] + headers[col].rect["width"] <= driver.execute_script("return window.innerWidth")
 
         def column() -> list[float]:
             return [float(r.find_elements(By.TAG_NAME, "td")[col].get_attribute("data-sort"))

@@ -58,20 +58,21 @@ def runs_table(data: dict[str, Any]) -> str:
     runs = [r for r in data["runs"] if r["kind"] != "sweep"]
     nfes = sorted({int(n) for r in runs for n in r["fd"]}) or [1]
     params = data["param_columns"]
-    head = ["run", "experiment", "status", *[param_label(p) for p in params]]
-    head += [f"FD {n} NFE" for n in nfes] + [f"acc {n} NFE" for n in nfes] + ["ms/img 1 NFE", "steps", "samples/s", "minutes"]
+    # results first (what a reader compares), then the config keys that differ between the runs
+    head = ["run", *[f"FD {n} NFE" for n in nfes], *[f"acc {n} NFE" for n in nfes], "ms/img 1 NFE", "steps", "minutes",
+            "samples/s", "status", "experiment", *[param_label(p) for p in params]]
     out = ['<table class="sortable" id="runs-table"><thead><tr>']
     out += [f'<th title="click to sort">{esc(h)}</th>' for h in head]
     out.append("</tr></thead><tbody>")
     for r in runs:
-        cells = [f'<td data-sort="{esc(r["name"])}" title="{esc(r["run_id"])}">{esc(r["name"])}</td>',
-                 f'<td data-sort="{esc(r["experiment"])}">{esc(r["experiment"])}</td>',
-                 f'<td data-sort="{esc(r["status"])}" class="status-{esc(r["status"]).lower()}">{esc(r["status"])}</td>']
-        cells += [_cell(r["params"].get(p), 4) for p in params]
+        cells = [f'<td data-sort="{esc(r["name"])}" title="{esc(r["run_id"])}">{esc(r["name"])}</td>']
         cells += [_cell(_nfe_get(r["fd"], n)) for n in nfes]
         cells += [_cell(None if _nfe_get(r["accuracy"], n) is None else 100 * _nfe_get(r["accuracy"], n), 1) for n in nfes]
         cells += [_cell(_nfe_get(r["ms_per_image"], 1), 3), _cell(None if r["steps"] is None else int(r["steps"])),
-                  _cell(r["samples_per_s"], 0), _cell(None if r["duration_s"] is None else r["duration_s"] / 60, 1)]
+                  _cell(None if r["duration_s"] is None else r["duration_s"] / 60, 1), _cell(r["samples_per_s"], 0)]
+        cells += [f'<td data-sort="{esc(r["status"])}" class="status-{esc(r["status"]).lower()}">{esc(r["status"])}</td>',
+                  f'<td data-sort="{esc(r["experiment"])}">{esc(r["experiment"])}</td>']
+        cells += [_cell(r["params"].get(p), 4) for p in params]
         out.append(f'<tr data-run-id="{esc(r["run_id"])}">{"".join(cells)}</tr>')
     out.append("</tbody></table>")
     return "".join(out)
