@@ -226,6 +226,8 @@ def _cmd_job(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apexdistill", description="APEX one-step distillation on Ray (see README.md)")
+    verbose_help = "show Ray's, Ray Data's and the libraries' own output on the console (also APEXDISTILL_LOG=debug)"
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="preprocess -> teacher -> APEX distill -> evaluate -> report, on a laptop")
@@ -321,13 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     jb.add_argument("--address", default=None, help="Ray Jobs API (default as for submit)")
     jb.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     jb.set_defaults(fn=_cmd_job)
+    for action in p._subparsers._group_actions:  # noqa: SLF001 - argparse keeps its subparsers here
+        for sp in action.choices.values():
+            sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apexdistill.console import quiet_environment, set_verbose
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    set_verbose(bool(getattr(args, "verbose", False)))
+    quiet_environment()
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TrackingError) as exc:

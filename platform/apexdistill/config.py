@@ -61,6 +61,9 @@ class DataConfig(_Section):
     vae_actor_cpus: float = Field(0.5, gt=0)
     vae_actor_gpus: float = Field(0.0, ge=0)
     in_memory_max_mb: float = Field(1024, ge=0, description="training shards up to this size are read once into RAM; larger ones stream")
+    actor_max_restarts: int = Field(0, ge=-1, description="restarts of a failed encoder actor (-1 = unlimited, for preemptible "
+                                    "nodes); 0 fails the build, which publishes nothing, so a rerun starts clean (Ray prints an "
+                                    "error-level line about restartable actors otherwise)")
 
     @model_validator(mode="after")
     def _source_path(self) -> "DataConfig":

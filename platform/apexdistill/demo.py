@@ -26,7 +26,7 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
     from apexdistill.models.build import build_backbone
     from apexdistill.data.preprocess import run_preprocess
     from apexdistill.train.data import DataShapes, digit_caption_table
-    from apexdistill.train.driver import clear_run, ensure_ray, run_training
+    from apexdistill.train.driver import clear_run, ensure_ray, log_dir, run_training
     from apexdistill.train.export import load_trained_backbone
 
     cfg = demo_config(workdir, quick, overrides)
@@ -36,7 +36,7 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
     clear_run(cfg)  # the demo always distills afresh; other runs resume instead
 
     print(f"[demo] 1/5 preprocess: Ray Data -> Parquet cache (workdir {Path(cfg.run.workdir).resolve()})", flush=True)
-    ensure_ray()
+    ensure_ray(log_dir=log_dir(cfg))
     cache = run_preprocess(cfg)
     shapes = DataShapes.from_manifest(cache.manifest, cache.uri)
     print(f"[demo]     {'cache hit' if cache.hit else 'cached'}: {cache.rows} rows at {cache.uri}", flush=True)

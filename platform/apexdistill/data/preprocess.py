@@ -151,6 +151,7 @@ class _BuildStats:
         self.truncated: set[str] = set()
         self.encoders: Counter = Counter()
         self.negative: dict[str, Any] | None = None
+        self.encoded = 0
 
     def set_negative(self, negative: dict[str, Any]) -> None:
         self.negative = negative
@@ -161,6 +162,12 @@ class _BuildStats:
     def add_rejects(self, rows: list[dict[str, str]]) -> None:
         for row in rows:
             self.rejects[row["row_id"]] = row
+
+    def add_encoded(self, rows: int) -> None:
+        self.encoded += rows
+
+    def progress(self) -> int:
+        return self.encoded
 
     def add_truncated(self, row_ids: list[str]) -> None:
         self.truncated.update(row_ids)
@@ -303,6 +310,7 @@ class TextEncodeStage:
         states, mask, truncated = encode_text(self.encoder, list(batch["caption"]))
         if truncated.any():
             ray.get(self.stats.add_truncated.remote([str(r) for r in batch["row_id"][truncated]]))
+        self.stats.add_encoded.remote(len(batch["caption"]))
         return {"x": batch["x"], "text": states, "text_mask": mask, "caption": batch["caption"], "label": batch["label"], "row_id": batch["row_id"]}
 
 
@@ -370,6 +378,7 @@ def build_dataset(cfg: Config, spec: CacheSpec, plan: SourcePlan, stats: Any, ba
     ds = ds.map_batches(
         TextEncodeStage, batch_size=d.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=d.text_actors), num_cpus=d.text_actor_cpus, num_gpus=d.text_actor_gpus or None,
+        max_restarts=d.actor_max_restarts,
         fn_constructor_kwargs=dict(text_config=cfg.text_encoder.model_dump(mode="json"), identity=spec.text["identity"], device=device, stats=stats),
     )
     if cfg.vae.path:
@@ -377,9 +386,41 @@ def build_dataset(cfg: Config, spec: CacheSpec, plan: SourcePlan, stats: Any, ba
         ds = ds.map_batches(
             VaeEncodeStage, batch_size=d.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=d.vae_actors), num_cpus=d.vae_actor_cpus, num_gpus=d.vae_actor_gpus or None,
+            max_restarts=d.actor_max_restarts,
             fn_constructor_kwargs=dict(path=spec.vae["path"], channels=channels, identity=spec.vae["identity"], device=device, stats=stats),
         )
     return ds
+
+
+class _ProgressLine:
+    """A steady line while the Ray Data job runs: rows encoded, rows/s and ETA, every ``interval`` s."""
+
+    def __init__(self, stats: Any, total: int, interval: float = 5.0) -> None:
+        import threading
+
+        self.stats, self.total, self.interval = stats, total, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="apexdistill-preprocess-progress", daemon=True)
+
+    def _run(self) -> None:
+        started = time.time()
+        while not self._stop.wait(self.interval):
+            try:
+                done = int(ray.get(self.stats.progress.remote(), timeout=5))
+            except Exception:  # noqa: BLE001 - progress is best effort; the build itself reports errors
+                continue
+            if done == 0:  # the actors are still loading their encoders
+                continue
+            rate = done / max(time.time() - started, 1e-9)
+            print(f"[preprocess] encoded {done}/{self.total} rows | {rate:.0f} rows/s | ETA {(self.total - done) / rate:.0f}s", flush=True)
+
+    def __enter__(self) -> "_ProgressLine":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def _write(ds: "ray.data.Dataset", store: CacheStore, tmp: str, decode_cpus: float) -> None:
@@ -527,7 +568,8 @@ def run_preprocess(cfg: Config, force: bool = False, *, on_written: Callable[[st
     stats = _BuildStats.remote()
     tmp = store.new_tmp(spec.key)
     try:
-        _write(build_dataset(cfg, spec, plan, stats, base=getattr(source, "base", "")), store, tmp, cfg.data.decode_cpus)
+        with _ProgressLine(stats, len(plan.rows)):
+            _write(build_dataset(cfg, spec, plan, stats, base=getattr(source, "base", "")), store, tmp, cfg.data.decode_cpus)
         summary = ray.get(stats.summary.remote())
         rejects = sorted(plan.rejects + summary["rejects"], key=lambda r: r["row_id"])
         files, columns = _data_files(store.fs, tmp)

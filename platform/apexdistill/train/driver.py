@@ -8,6 +8,7 @@ the last reported checkpoint, inside the same ``fit()`` and the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -48,14 +49,24 @@ def clear_run(cfg: Config) -> None:
 # every Ray process of ours: offline models, Train V2, worker prints once (not again through Train's logger)
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# quiet mode: no loading bars or info chatter in the workers' own logs either
+QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+                    "TQDM_DISABLE": "1"}
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Start (or join) Ray once per process, quietly, with offline workers."""
+def ensure_ray(address: str | None = None, log_dir: str | Path | None = None) -> None:
+    """Start (or join) Ray once per process, quietly, with offline workers. In quiet mode (the
+    default, see ``apexdistill.console``) Ray forwards no worker output and its driver-side logs go
+    to ``log_dir/apexdistill.log``."""
     import ray
 
+    from apexdistill.console import quiet_environment, route_logs, verbose
+
     if ray.is_initialized():
+        if log_dir is not None:
+            route_logs(log_dir)
         return
+    quiet_environment()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = address or os.environ.get("RAY_ADDRESS")
     local = {} if address else {
@@ -63,17 +74,29 @@ def ensure_ray(address: str | None = None) -> None:
         "include_dashboard": True, "dashboard_host": "127.0.0.1",
     }
     env_vars = dict(WORKER_ENV)
+    env_vars.update(QUIET_WORKER_ENV if not verbose() else {"APEXDISTILL_LOG": "debug"})  # trial drivers follow the console mode
     # inside a submitted Ray job, Ray refuses a key that the job's runtime env sets too: the job's wins
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
     env_vars = {k: v for k, v in env_vars.items() if k not in (job.get("env_vars") or {})}
+    if log_dir is not None:
+        route_logs(log_dir)  # before ray.init: its own start-up warnings go to the file too
     ray.init(
         address=address,
-        log_to_driver=True,
+        log_to_driver=verbose(),
         configure_logging=True,
         logging_level="WARNING",
         runtime_env={"env_vars": env_vars} if env_vars else None,
         **local,
     )
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose()
+    if log_dir is not None:
+        route_logs(log_dir)  # ray.init and ray.data installed console handlers of their own
+
+
+def log_dir(cfg: Config) -> Path:
+    return Path(cfg.run.workdir).resolve() / "logs"
 
 
 def connect(cfg: Config, address: str | None = None) -> None:
@@ -92,7 +115,7 @@ def connect(cfg: Config, address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if is_remote_address(address):
         check_multinode(cfg, uri, f"Ray address {address}")
-    ensure_ray(address)
+    ensure_ray(address, log_dir(cfg))
     check_cluster(cfg, uri, address)
 
 
@@ -245,6 +268,9 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the split into shards: no bars in the training log
+    from apexdistill.console import PROGRESS_FILE, ProgressRelay, verbose
+
+    loop_progress = not verbose()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -252,6 +278,8 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
             "row_bytes": row_bytes(cache.manifest), "tracking": handle.as_dict() if handle else None,
             "sample_prompts": sample_prompts(cfg, cache.uri) if handle or cfg.eval.every else None,
             "negative": negative_embedding(cache.uri),
+            # quiet mode: Ray forwards no worker output; rank 0 appends its progress here and we print it
+            "progress_file": str(out / PROGRESS_FILE) if loop_progress else None,
         },
         datasets={"train": read_cache(cache.uri, in_driver=in_driver)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu and workers > 0, resources_per_worker=resources),
@@ -265,7 +293,8 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     )
     started = time.time()
     try:
-        result = trainer.fit()
+        with ProgressRelay(out) if loop_progress else contextlib.nullcontext():
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
     except BaseException as exc:

@@ -43,9 +43,19 @@ class InjectedFailure(RuntimeError):
     """Raised once by ``train.fail_at_step`` (a drill for fault tolerance)."""
 
 
+#: quiet mode: rank 0's progress lines are appended here and the driver prints them (console.ProgressRelay)
+_PROGRESS: dict[str, Path | None] = {"file": None}
+
+
 def _log(rank: int, msg: str) -> None:
-    if rank == 0:
+    if rank != 0:
+        return
+    path = _PROGRESS["file"]
+    if path is None:
         print(msg, flush=True)
+        return
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(msg + "\n")
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -360,6 +370,7 @@ def keep_initial_weights(cfg: Config, backbone: torch.nn.Module) -> dict[str, to
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["config"])
+    _PROGRESS["file"] = Path(loop_config["progress_file"]) if loop_config.get("progress_file") else None
     _quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

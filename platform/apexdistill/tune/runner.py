@@ -106,10 +106,45 @@ def _open_parent(cfg: Config, sweep: SweepConfig, folder: Path, sweep_text: str)
     return data
 
 
+def sweep_progress(sweep: SweepConfig) -> Any:
+    """Quiet mode: one line per trial event (started, an in-training score, finished, stopped, failed)
+    instead of Tune's status tables."""
+    from ray import tune
+
+    class SweepProgress(tune.Callback):
+        def __init__(self) -> None:
+            self.done = 0
+
+        def _name(self, trial: Any) -> str:
+            params = ", ".join(f"{k}={(trial.config or {}).get(k)}" for k in sweep.space)
+            return f"{trial.trial_id} ({params})"
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(f"[sweep] started {self._name(trial)}", flush=True)
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            if sweep.metric in result:
+                print(f"[sweep] {trial.trial_id} step {result.get('step', '?')}: {sweep.metric}={result[sweep.metric]:.2f}", flush=True)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            last = trial.last_result or {}
+            how = "finished" if last.get("final") else "stopped early"
+            score = f", {sweep.metric}={last[sweep.metric]:.2f}" if sweep.metric in last else ""
+            print(f"[sweep] {how} {trial.trial_id}{score} ({self.done}/{len(trials)} trials done)", flush=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            print(f"[sweep] FAILED {trial.trial_id}: see {trial.local_path or 'its trial folder'}", flush=True)
+
+    return SweepProgress()
+
+
 def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: str | None = None) -> list[TrialRow]:
     """Run (or resume) the sweep; returns one row per trial, best first."""
     from ray import tune
 
+    from apexdistill.console import verbose
     from apexdistill.data.preprocess import run_preprocess
     from apexdistill.train.driver import connect, prepare_evaluator
 
@@ -154,7 +189,8 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
             param_space=space,
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1 if verbose() else 0,
+                                      callbacks=None if verbose() else [sweep_progress(sweep)]),
         )
     results = tuner.fit()
     rows = collect_rows(results, sweep, list(sweep.space))

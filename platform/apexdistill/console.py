@@ -1,0 +1,150 @@
+"""The console a person reads: our own progress lines (``[demo]``, ``[preprocess]``, ``[train]``,
+``[sweep]``, ``[evaluate]``), and nothing else on success. Ray's, Ray Data's, MLflow's and the model
+libraries' logs, worker output and deprecation warnings go to a log file (its path printed once).
+
+``--verbose`` or ``APEXDISTILL_LOG=debug`` brings everything back to the console, as Ray prints it.
+Warnings raised by apexdistill itself (they ask the user to act) stay on the console either way.
+
+Ray Train workers run in other processes, whose output Ray would forward to the console with
+``(RayTrainWorker pid=...)`` prefixes. In quiet mode Ray forwards nothing (``log_to_driver=False``);
+rank 0 appends its progress lines to ``<run>/progress.log`` and the driver prints them as they come
+(``ProgressRelay``). The workers' own output stays in Ray's session logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+LOG_ENV = "APEXDISTILL_LOG"
+LOG_FILE = "apexdistill.log"
+PROGRESS_FILE = "progress.log"
+#: loggers whose records go to the log file in quiet mode
+NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow", "alembic", "urllib3", "filelock",
+                 "transformers", "diffusers", "huggingface_hub", "httpx", "py.warnings", "torch.distributed", "DeepSpeed",
+                 "deepspeed", "optuna", "numexpr")
+_state: dict[str, Any] = {"file": None, "handler": None, "showwarning": None}
+
+
+def verbose() -> bool:
+    return os.environ.get(LOG_ENV, "").strip().lower() in ("debug", "verbose", "all", "1")
+
+
+def set_verbose(on: bool) -> None:
+    if on:
+        os.environ[LOG_ENV] = "debug"
+
+
+def quiet_environment() -> None:
+    """Before any library is imported: no Hugging Face download/loading bars, no per-process noise."""
+    if verbose():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the libraries' own bars (weights loading); ours are lines
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+        and getattr(handler, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+
+
+def _showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    """Our own warnings to the console (they ask the user to act); everyone else's, and deprecation
+    notices about the libraries' APIs even when raised at our call sites, to the log file."""
+    ours = "apexdistill" in Path(filename).parts and not category.__module__.split(".")[0] in ("ray", "torch", "transformers", "diffusers")
+    if ours and not issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+        _state["showwarning"](message, category, filename, lineno, file, line)
+        return
+    logging.getLogger("py.warnings").warning("%s", warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+
+
+def route_logs(folder: str | Path, announce: bool = True) -> Path | None:
+    """Send the libraries' logs and warnings to ``folder/apexdistill.log`` (quiet mode), and print its
+    path once. Call again after ``ray.init`` (Ray installs its own console handler) and after the
+    first ``import ray.data``; it is idempotent. Returns the log file (None in verbose mode)."""
+    if verbose():
+        return None
+    path = Path(folder).expanduser().resolve() / LOG_FILE
+    if _state["file"] != path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        old = _state["handler"]
+        _state.update(file=path, handler=handler)
+        if announce:
+            print(f"[log] Ray, Ray Data and library logs: {path}", flush=True)
+        if old is not None:
+            for name in NOISY_LOGGERS:
+                logging.getLogger(name).removeHandler(old)
+            old.close()
+    handler = _state["handler"]
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            if _is_console(h):
+                logger.removeHandler(h)
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+        logger.propagate = False
+    if _state["showwarning"] is None:
+        _state["showwarning"] = warnings.showwarning
+        warnings.showwarning = _showwarning
+    for lib in ("transformers", "diffusers"):
+        try:
+            module = __import__(f"{lib}.utils.logging", fromlist=["disable_progress_bar"])
+            module.disable_progress_bar()
+            module.set_verbosity_error()
+        except Exception:  # noqa: BLE001 - not installed or another version: nothing to quiet
+            pass
+    return path
+
+
+def log_file() -> Path | None:
+    return _state["file"]
+
+
+class ProgressRelay:
+    """Prints the lines that Ray Train's rank 0 appends to ``<run>/progress.log`` while ``fit()`` runs
+    (quiet mode: Ray forwards no worker output). A context manager; the last lines are flushed on exit."""
+
+    def __init__(self, run_dir: str | Path, interval: float = 0.25) -> None:
+        self.path = Path(run_dir) / PROGRESS_FILE
+        self.interval = interval
+        self._offset = self.path.stat().st_size if self.path.is_file() else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="apexdistill-progress", daemon=True)
+
+    def _drain(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open("r", encoding="utf-8", errors="replace") as fh:
+            fh.seek(self._offset)
+            chunk = fh.read()
+        complete = chunk[: chunk.rfind("\n") + 1] if "\n" in chunk else ""
+        self._offset += len(complete.encode("utf-8"))
+        if complete:
+            sys.stdout.write(complete)
+            sys.stdout.flush()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "ProgressRelay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._drain()
