@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.timeout(600)
+# lines `apexdistill demo --quick` may print (33 today: 5 stages, the table, where things are)
+CONSOLE_LINE_BUDGET = 40
 
 
 def _cli() -> list[str]:
@@ -25,6 +28,13 @@ def test_demo_quick_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "[demo] 1/5" in out and "[demo] 5/5" in out and "[train] step" in out
+    # a console a person can read: our own lines, on a screen or two, nothing at error level, no Ray chatter
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert len(console) <= CONSOLE_LINE_BUDGET, "\n".join(console)
+    noise = [line for line in console if re.search(r"\] ?E\b|\bE\d{4}|\bERROR\b|Traceback|Warning:|pid=\d+\)|INFO |it/s\]", line)]
+    assert noise == [], "\n".join(noise)
+    (log_line,) = [line for line in console if line.startswith("[log] ")]  # the log file's path, printed once
+    assert (tmp_path / "logs" / "apexdistill.log").stat().st_size > 0 and str(tmp_path / "logs" / "apexdistill.log") in log_line
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     rows = {(r["model"], r["nfe"]): r for r in results["rows"]}
     assert set(rows) == {("teacher", 10), ("teacher", 1), ("student (apex)", 1), ("student (apex)", 2)}
@@ -70,3 +80,16 @@ def test_cli_config_error_is_clear(tmp_path):
     proc = subprocess.run([*_cli(), "train", "-c", str(cfg)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown key 'train.stpes'" in proc.stderr and "did you mean 'train.steps'" in proc.stderr
+
+
+def test_verbose_brings_rays_own_output_back(tmp_path):
+    """`--verbose` (like APEXDISTILL_LOG=debug) shows Ray Data's own log lines, which the quiet default
+    keeps in <workdir>/logs/apexdistill.log."""
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("data:\n  limit: 64\n")
+    proc = subprocess.run([*_cli(), "preprocess", "-c", str(cfg), "--workdir", str(tmp_path), "--verbose"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both = proc.stdout + proc.stderr
+    assert "streaming_executor" in both and "[preprocess] 64 rows cached" in both
+    assert not (tmp_path / "logs" / "apexdistill.log").exists()
