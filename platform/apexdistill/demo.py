@@ -15,6 +15,10 @@ from apexdistill.config import Config, load_config
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 # --quick: a smoke run for tests and CI (seconds of training, a small evaluation)
 QUICK = ["train.steps=20", "train.max_minutes=null", "train.log_every=10", "eval.samples_per_class=10", "eval.teacher_nfe=10"]
+# measured on this project's 2-core machine (the demo's 2 DDP workers, batch 32 each): the wall time
+# printed up front is an estimate from these, the step count is what the results depend on
+SECONDS_PER_STEP = 0.27
+FIXED_SECONDS = 80  # Ray and Ray Train start-up, preprocessing, evaluation of 5 rows, the report
 
 
 def demo_config(workdir: str, quick: bool = False, overrides: list[str] | None = None) -> Config:
@@ -31,6 +35,10 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
 
     cfg = demo_config(workdir, quick, overrides)
     started = time.time()
+    estimate = (FIXED_SECONDS + SECONDS_PER_STEP * cfg.train.steps) / 60
+    budget = f", or train.max_minutes={cfg.train.max_minutes:g} if that comes first" if cfg.train.max_minutes else ""
+    print(f"[demo] {cfg.train.steps} distillation steps{budget}: about {estimate:.0f} min on a 2-core laptop "
+          f"(the scores depend on the steps and seeds, not on the machine; ms/image does)", flush=True)
     out = Path(cfg.run.workdir) / "demo"
     out.mkdir(parents=True, exist_ok=True)
     clear_run(cfg)  # the demo always distills afresh; other runs resume instead
