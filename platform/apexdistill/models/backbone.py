@@ -10,9 +10,7 @@ in [0, 1] (t = 1 is noise; negative t is allowed, twinflow flags its fake branch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 TIMESTEP_SCALE = 1000.0  # diffusers embeds timesteps on a 0..1000 scale
