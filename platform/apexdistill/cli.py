@@ -92,37 +92,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cache_captions(uri: str, limit: int = 4) -> list[str]:
-    """The first distinct captions of a preprocessing cache (reads the caption column of its first file)."""
-    import posixpath
-
-    import pyarrow.parquet as pq
-
-    from apexdistill.data.cache import read_complete_manifest
-    from apexdistill.data.sources import open_fs
-
-    fs, folder = open_fs(uri)
-    manifest = read_complete_manifest(fs, folder) or {"files": []}
-    captions: list[str] = []
-    for f in manifest["files"]:
-        with fs.open(posixpath.join(folder, f["path"]), "rb") as fh:
-            for caption in pq.read_table(fh, columns=["caption"]).column("caption").to_pylist():
-                if caption not in captions:
-                    captions.append(str(caption))
-                if len(captions) == limit:
-                    return captions
-    return captions
-
-
 def _evaluate_pipeline_run(args: argparse.Namespace, model, cfg) -> int:
     """A run distilled from a stock pipeline: the teacher as users run it next to the student, timed, one grid."""
+    from apexdistill.data.preprocess import distinct_captions
     from apexdistill.eval.pipeline import evaluate_pipeline_run, format_pipeline_table
     from apexdistill.train.data import DataShapes
     from apexdistill.train.export import resolve_checkpoint
 
     _, ckpt = resolve_checkpoint(args.run)
     run_folder = ckpt.parent.parent
-    prompts = list(args.prompt or _cache_captions(DataShapes.load(run_folder).cache_uri))
+    prompts = list(args.prompt or [r["caption"] for r in distinct_captions(DataShapes.load(run_folder).cache_uri, 4)])
     if not prompts:
         raise ValueError("no prompts: pass --prompt (the run's cache has no captions)")
     out = Path(args.output) if args.output else run_folder / "eval" / "samples.png"

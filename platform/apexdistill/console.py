@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -112,16 +111,38 @@ def log_file() -> Path | None:
     return _state["file"]
 
 
-class ProgressRelay:
+class Periodic:
+    """Calls ``fn()`` every ``interval`` seconds on a daemon thread while the ``with`` block runs
+    (and once more on exit with ``final=True``): the progress printers' one background loop."""
+
+    def __init__(self, fn: Any, interval: float, final: bool = False) -> None:
+        self.fn, self.interval, self.final = fn, interval, final
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="apexdistill-progress", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.fn()
+
+    def __enter__(self) -> "Periodic":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self.final:
+            self.fn()
+
+
+class ProgressRelay(Periodic):
     """Prints the lines that Ray Train's rank 0 appends to ``<run>/progress.log`` while ``fit()`` runs
     (quiet mode: Ray forwards no worker output). A context manager; the last lines are flushed on exit."""
 
     def __init__(self, run_dir: str | Path, interval: float = 0.25) -> None:
         self.path = Path(run_dir) / PROGRESS_FILE
-        self.interval = interval
         self._offset = self.path.stat().st_size if self.path.is_file() else 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="apexdistill-progress", daemon=True)
+        super().__init__(self._drain, interval, final=True)
 
     def _drain(self) -> None:
         if not self.path.is_file():
@@ -134,17 +155,3 @@ class ProgressRelay:
         if complete:
             sys.stdout.write(complete)
             sys.stdout.flush()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._drain()
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "ProgressRelay":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._drain()

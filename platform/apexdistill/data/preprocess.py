@@ -392,35 +392,23 @@ def build_dataset(cfg: Config, spec: CacheSpec, plan: SourcePlan, stats: Any, ba
     return ds
 
 
-class _ProgressLine:
+def _progress_line(stats: Any, total: int, interval: float = 5.0) -> Any:
     """A steady line while the Ray Data job runs: rows encoded, rows/s and ETA, every ``interval`` s."""
+    from apexdistill.console import Periodic
 
-    def __init__(self, stats: Any, total: int, interval: float = 5.0) -> None:
-        import threading
+    started = time.time()
 
-        self.stats, self.total, self.interval = stats, total, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="apexdistill-preprocess-progress", daemon=True)
+    def report() -> None:
+        try:
+            done = int(ray.get(stats.progress.remote(), timeout=5))
+        except Exception:  # noqa: BLE001 - progress is best effort; the build itself reports errors
+            return
+        if done == 0:  # the actors are still loading their encoders
+            return
+        rate = done / max(time.time() - started, 1e-9)
+        print(f"[preprocess] encoded {done}/{total} rows | {rate:.0f} rows/s | ETA {(total - done) / rate:.0f}s", flush=True)
 
-    def _run(self) -> None:
-        started = time.time()
-        while not self._stop.wait(self.interval):
-            try:
-                done = int(ray.get(self.stats.progress.remote(), timeout=5))
-            except Exception:  # noqa: BLE001 - progress is best effort; the build itself reports errors
-                continue
-            if done == 0:  # the actors are still loading their encoders
-                continue
-            rate = done / max(time.time() - started, 1e-9)
-            print(f"[preprocess] encoded {done}/{self.total} rows | {rate:.0f} rows/s | ETA {(self.total - done) / rate:.0f}s", flush=True)
-
-    def __enter__(self) -> "_ProgressLine":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    return Periodic(report, interval)
 
 
 def _write(ds: "ray.data.Dataset", store: CacheStore, tmp: str, decode_cpus: float) -> None:
@@ -568,7 +556,7 @@ def run_preprocess(cfg: Config, force: bool = False, *, on_written: Callable[[st
     stats = _BuildStats.remote()
     tmp = store.new_tmp(spec.key)
     try:
-        with _ProgressLine(stats, len(plan.rows)):
+        with _progress_line(stats, len(plan.rows)):
             _write(build_dataset(cfg, spec, plan, stats, base=getattr(source, "base", "")), store, tmp, cfg.data.decode_cpus)
         summary = ray.get(stats.summary.remote())
         rejects = sorted(plan.rejects + summary["rejects"], key=lambda r: r["row_id"])
@@ -636,6 +624,30 @@ def read_cache(uri: str, columns: Sequence[str] | None = TRAIN_COLUMNS, in_drive
         with fs.open(p, "rb") as fh:
             tables.append(pq.read_table(fh, columns=cols))
     return ray.data.from_arrow(tables)
+
+
+def distinct_captions(uri: str, limit: int, with_states: bool = False) -> list[dict[str, Any]]:
+    """The first ``limit`` distinct captions of a cache, in file order, read with pyarrow in small
+    batches (no Ray, stops as soon as it has them): [{"caption": ...}] or, ``with_states``, also their
+    cached "text" (L, D) and "text_mask" (L,) arrays. Where sample grids and evaluation prompts come
+    from: no text encoder is loaded."""
+    import pyarrow.parquet as pq
+
+    import ray.data  # noqa: F401  (registers Ray's tensor extension type so tensor columns convert)
+
+    fs, folder, manifest = _open_cache(uri)
+    columns = ["caption", "text", "text_mask"] if with_states else ["caption"]
+    found: dict[str, dict[str, Any]] = {}
+    for f in manifest["files"]:
+        with fs.open(posixpath.join(folder, f["path"]), "rb") as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=64, columns=columns):
+                arrays = {c: (batch.column(c).to_pylist() if c == "caption" else batch.column(c).to_numpy()) for c in columns}
+                for i, caption in enumerate(arrays["caption"]):
+                    if caption not in found:
+                        found[caption] = {c: (str(caption) if c == "caption" else np.asarray(arrays[c][i])) for c in columns}
+                    if len(found) == limit:
+                        return list(found.values())
+    return list(found.values())
 
 
 def load_cache_tensors(uri: str) -> dict[str, Any]:

@@ -30,11 +30,17 @@ class Backbone(nn.Module):
 
     @property
     def in_channels(self) -> int:
-        raise NotImplementedError
+        """Latent channels it denoises, as its family reads them from the transformer's config."""
+        from apexdistill.models.family import get_family
+
+        return get_family(self.family).in_channels(dict(self.transformer.config))
 
     @property
     def text_dim(self) -> int:
-        raise NotImplementedError
+        """Width of the text states it takes, as its family reads it from the transformer's config."""
+        from apexdistill.models.family import get_family
+
+        return get_family(self.family).text_dim(dict(self.transformer.config))
 
     def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, target_t: Tensor | None = None) -> Tensor:
         raise NotImplementedError

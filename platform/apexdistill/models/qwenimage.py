@@ -52,14 +52,6 @@ class QwenImageBackbone(Backbone):
             return output
         return output + self._target_emb.to(output.dtype)
 
-    @property
-    def in_channels(self) -> int:
-        return int(self.transformer.config.out_channels)
-
-    @property
-    def text_dim(self) -> int:
-        return int(self.transformer.config.joint_attention_dim)
-
     def forward(self, x, t, text, text_mask=None, target_t=None):
         self._check_target(target_t)
         b, c, h, w = x.shape

@@ -44,14 +44,6 @@ class SanaBackbone(Backbone):
             return {}
         return {"transformer.time_embed.guidance_embedder": self.transformer.time_embed.guidance_embedder}
 
-    @property
-    def in_channels(self) -> int:
-        return int(self.transformer.config.in_channels)
-
-    @property
-    def text_dim(self) -> int:
-        return int(self.transformer.config.caption_channels)
-
     def forward(self, x, t, text, text_mask=None, target_t=None):
         self._check_target(target_t)
         scale = TIMESTEP_SCALE * float(self.transformer.config.get("timestep_scale", 1.0) or 1.0)

@@ -75,14 +75,6 @@ class ZImageBackbone(Backbone):
         self.patch = ZIMAGE_PATCH if ZIMAGE_PATCH in patches else int(patches[0])
         self.f_patch = int(tuple(transformer.config.all_f_patch_size)[patches.index(self.patch)])
 
-    @property
-    def in_channels(self) -> int:
-        return int(self.transformer.config.in_channels)
-
-    @property
-    def text_dim(self) -> int:
-        return int(self.transformer.config.cap_feat_dim)
-
     def forward(self, x, t, text, text_mask=None, target_t=None):
         self._check_target(target_t)
         b = x.shape[0]

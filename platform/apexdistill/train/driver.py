@@ -151,17 +151,13 @@ def sample_prompts(cfg: Config, cache_uri: str, limit: int = 8) -> dict[str, lis
     if cfg.data.source == "digits":
         text, mask = digit_caption_table(cfg)
     else:
-        from apexdistill.data.preprocess import read_cache
+        from apexdistill.data.preprocess import distinct_captions
 
         # the cache already holds every caption's states: no text encoder is loaded here
-        captions: dict[str, tuple[Any, Any]] = {}
-        for row in read_cache(cache_uri, columns=["caption", "text", "text_mask"], in_driver=True).take(256):
-            captions.setdefault(str(row["caption"]), (row["text"], row["text_mask"]))
-            if len(captions) == limit:
-                break
-        if not captions:
+        rows = distinct_captions(cache_uri, limit, with_states=True)
+        if not rows:
             return None
-        return {"text": [v[0].tolist() for v in captions.values()], "mask": [v[1].tolist() for v in captions.values()]}
+        return {"text": [r["text"].tolist() for r in rows], "mask": [r["text_mask"].tolist() for r in rows]}
     return {"text": text.tolist(), "mask": mask.tolist()}
 
 
