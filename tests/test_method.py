@@ -327,7 +327,8 @@ def test_apex_guidance_ratio_guides_the_anchor_with_the_reference_weights():
             return active["model"](*args, **kw)
 
     @contextlib.contextmanager
-    def reference():
+    def reference(source):
+        assert source == "auto"
         active["model"] = ref
         try:
             yield
@@ -417,6 +418,70 @@ def test_apex_no_gradient_through_correction_or_fake_target():
     z2 = (fake_and_real["x"][:n] - (1 - s) * x_g) / s
     expected = 2 * p.lambda_p * (v_fake_s.detach() - (z2 - x_g)) / (n * D)
     assert torch.allclose(fake_and_real["out"].grad[:n], expected, rtol=1e-8, atol=1e-12)
+
+
+def test_apex_consistency_target_is_rcgm_from_the_reference_weights():
+    """consistency_weight: F(z, t0, c) is pulled to F - clamp(R), R = (t0*F - D)/delta - (z - x), D the
+    reference weights' K Euler steps from (z - delta*(z - x), t0 - delta) to 0, computed before any graph."""
+    import contextlib
+
+    from apexdistill.method.twinflow import RCGM_DELTA_T, euler_displacement
+
+    steps, n = 3, 8
+    obj = make_objective("apex", apex={"consistency_weight": 1.0, "consistency_steps": steps, "lambda_g": 0.0, "lambda_p": 0.0,
+                                       "lambda_r": 0.0, **NO_GENERATOR_WARMUP})
+    live, ref = ToyVelocity().double(), ToyVelocity().double()
+    active, sources = {"model": live}, []
+
+    class Switch(nn.Module):
+        def forward(self, *args, **kw):
+            return active["model"](*args, **kw)
+
+    @contextlib.contextmanager
+    def reference(source):
+        sources.append(source)
+        active["model"] = ref
+        try:
+            yield
+        finally:
+            active["model"] = live
+
+    obj.set_guidance(None, reference)
+    rec, batch = Recorder(Switch()), make_batch(n)
+    loss, metrics = obj.loss(rec, batch, step=0)
+    assert sources == ["frozen"] and active["model"] is live
+    reference_calls = [c for c in rec.calls if not c["grad"]][:steps]
+    assert rec.calls[:steps] == reference_calls, "the reference sub-steps run before the generator pass builds a graph"
+    gen = rec.calls[steps]
+    assert gen["grad"] and torch.allclose(gen["t"], torch.full((n,), obj.cfg.apex.generator_t, dtype=torch.float64))
+    z, t0 = gen["x"], gen["t"]
+    v = z - batch["x"]
+    d = euler_displacement(lambda x_, t_, _r: ref(x_, t_, batch["text"], batch["text_mask"]), z - RCGM_DELTA_T * v,
+                           t0 - RCGM_DELTA_T, torch.zeros_like(t0), steps)
+    with torch.no_grad():
+        f = live(z, t0, batch["text"], batch["text_mask"])
+    residual = ((t0.reshape(-1, 1, 1, 1) * f - d) / RCGM_DELTA_T - v).clamp(-1, 1)
+    assert float(loss.detach()) == pytest.approx(float(residual.pow(2).flatten(1).mean(1).mean()), rel=1e-9)
+    assert metrics["loss_cons"] == pytest.approx(float(loss.detach()), rel=1e-9)
+    with pytest.raises(RuntimeError, match="consistency_weight"):
+        make_objective("apex", apex={"consistency_weight": 1.0}).loss(ToyVelocity().double(), make_batch(n))
+
+
+def test_apex_generator_fraction_splits_the_batch_into_generator_and_anchor_rows():
+    rec, batch = Recorder(ToyVelocity().double()), make_batch(8)
+    obj = make_objective("apex", apex={"generator_fraction": 0.25, **NO_GENERATOR_WARMUP})
+    loss, _ = obj.loss(rec, batch)
+    gen, fake_and_real, real_at_xs = rec.calls
+    assert gen["x"].shape[0] == 2 and real_at_xs["x"].shape[0] == 2 and fake_and_real["x"].shape[0] == 8
+    assert torch.equal(gen["text"], batch["text"][:2]) and torch.equal(real_at_xs["text"], batch["text"][:2])
+    assert torch.equal(fake_and_real["text"][2:], batch["text"][2:]), "the anchor takes the other six rows, true condition"
+    assert torch.equal(fake_and_real["text"][:2], obj.shift(batch["text"][:2]))
+    x_t, t = fake_and_real["x"][2:], fake_and_real["t"][2:].reshape(-1, 1, 1, 1)
+    z3 = (x_t - (1 - t) * batch["x"][2:]) / t  # the anchor interpolates the anchor rows' own data
+    assert torch.isfinite(z3).all() and float(z3.std()) > 0.5
+    loss.backward()
+    with pytest.raises(ValueError, match="generator_fraction"):
+        obj.loss(rec, make_batch(1))
 
 
 # ----------------------------------------------------------------------------- twinflow
@@ -560,7 +625,9 @@ def test_every_objective_trains(name):
 def test_few_step_grids():
     assert few_step_grid(1) == pytest.approx([0.999, 0.0])
     assert few_step_grid(2) == pytest.approx([0.999, 0.6, 0.0])
-    assert few_step_grid(4) == pytest.approx([0.999, 0.833, 0.667, 0.5, 0.0])
+    # the released linspace-derived grid, not the rounded 0.833 / 0.667 (those moved 4-NFE samples by 5e-3)
+    assert few_step_grid(4) == pytest.approx([0.999, 0.999 - 0.499 / 3, 0.999 - 2 * 0.499 / 3, 0.5, 0.0], abs=1e-12)
+    assert few_step_grid(4)[1:3] == pytest.approx([0.83267, 0.66633], abs=1e-5)
     with pytest.raises(ValueError):
         few_step_grid(0)
 

@@ -14,20 +14,29 @@ from apexdistill.method.flow import endpoint_x, endpoint_z
 
 VelocityFn = Callable[..., Tensor]
 
-# Time grids of APEX_METHOD.md ("Sampler"). Other NFEs get an even grid from T_START to 0.
+# Time grids of the released sampler (APEX_METHOD.md, "Sampler"; DIFFUSERS_NOTES.md): the NFE times are
+# 1 - linspace(0.001, 1 - gap, NFE), then 0, with the released per-NFE gap (`rfba_gap_steps`):
+# 1 NFE 0.999 -> 0; 2 NFE (gap 0.6) 0.999 -> 0.6 -> 0; 4 NFE (gap 0.5) 0.999 -> 0.83267 -> 0.66633 -> 0.5 -> 0.
+# Other NFEs get an even grid from T_START to 0.
 T_START = 0.999
-_GRIDS = {
-    1: [T_START, 0.0],
-    2: [T_START, 0.6, 0.0],
-    4: [T_START, 0.833, 0.667, 0.5, 0.0],
-}
+RELEASED_GAPS = {2: 0.6, 4: 0.5}
+
+
+def released_grid(nfe: int, gap: float) -> list[float]:
+    """1 - linspace(1 - T_START, 1 - gap, nfe), then 0: the released sampler's time grid, unrounded."""
+    lo, hi = 1.0 - T_START, 1.0 - gap
+    if nfe == 1:
+        return [T_START, 0.0]
+    return [1.0 - (lo + (hi - lo) * i / (nfe - 1)) for i in range(nfe)] + [0.0]
 
 
 def few_step_grid(nfe: int) -> list[float]:
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
-    if nfe in _GRIDS:
-        return list(_GRIDS[nfe])
+    if nfe == 1:
+        return [T_START, 0.0]
+    if nfe in RELEASED_GAPS:
+        return released_grid(nfe, RELEASED_GAPS[nfe])
     return torch.linspace(T_START, 0.0, nfe + 1).tolist()
 
 
