@@ -183,6 +183,19 @@ class ApexConfig(_Section):
     anchor_t_max: float = Field(
         0.9, gt=0.0, le=1.0, description="the real anchor samples t up to this value, leaving t ~ 1 to the one-step generator"
     )
+    generator_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of each batch's rows that drive the generator and the fake branch; the other "
+        "rows are the real anchor (the released code's grouping: each row costs one gradient pass). 1.0 = every row does all "
+        "three (three gradient passes per row)")
+    consistency_weight: float = Field(
+        0.0, ge=0, description="lambda_c of the released code's RCGM consistency target on the one-step group: F(z, t0, c) is "
+        "pulled to F - clamp(R), R the residual of t0*F = delta*(z - x) + D, D the reference model's consistency_steps Euler "
+        "steps from t0 - delta to 0 (delta = 0.01); 0 = off")
+    consistency_steps: int = Field(4, ge=1, le=64, description="Euler sub-steps of the consistency target's reference (the "
+                                   "released code's estimate_order)")
+    consistency_reference: Literal["frozen", "ema"] = Field(
+        "frozen", description="weights the consistency target's sub-steps come from: frozen (the initial weights, i.e. the "
+        "teacher; the base with adapters disabled under LoRA) or ema (the EMA of the trained weights)")
 
     @model_validator(mode="after")
     def _range(self) -> "ApexConfig":

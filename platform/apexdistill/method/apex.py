@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from apexdistill.config import ObjectiveConfig
 from apexdistill.method.base import Batch, ShiftedObjective, cat_batches, mse, ramp, register, scalar_metrics
 from apexdistill.method.flow import bcast, interpolate, sample_time, velocity_target
+from apexdistill.method.twinflow import consistency_displacement, consistency_from_displacement
 
 
 @register
@@ -43,59 +44,90 @@ class Apex(ShiftedObjective):
     def loss(self, model: nn.Module, batch: Batch, step: int = 0) -> tuple[Tensor, dict[str, float]]:
         p = self.cfg.apex
         x, c, mask = batch["x"], batch["text"], batch.get("text_mask")
-        n = x.shape[0]
-        c_fake = self.shift(c)
+        gen, anchor = self._groups(x.shape[0])
+        x_a, c_g, c_a, m_g, m_a = x[anchor], c[gen], c[anchor], _rows(mask, gen), _rows(mask, anchor)
+        n = c_g.shape[0]
 
         # 1. one-step generator from pure noise (gradient flows through it)
-        z = torch.randn_like(x)
+        z = torch.randn_like(x[gen])
         t0 = torch.full((n,), p.generator_t, device=x.device, dtype=x.dtype)
         # 2. re-noise the detached sample at s
-        z2 = torch.randn_like(x)
+        z2 = torch.randn_like(z)
         s = p.renoise_min + (p.renoise_max - p.renoise_min) * torch.rand(n, device=x.device, dtype=x.dtype)
         # 6. real-data anchor
-        z3 = torch.randn_like(x)
-        t_real = sample_time(n, self.anchor_time, x.device).to(x.dtype)
-        x_real_t = interpolate(x, z3, t_real)
+        z3 = torch.randn_like(x_a)
+        t_real = sample_time(x_a.shape[0], self.anchor_time, x.device).to(x.dtype)
+        x_real_t = interpolate(x_a, z3, t_real)
 
-        # 6'. the anchor's target first: its guidance comes from the reference weights, which may be
-        # swapped into the live parameters (the EMA), so no graph may exist yet
-        target_real = self._real_target(model, x, z3, x_real_t, t_real, c, mask) if p.lambda_r > 0 else None
+        # 6'. and 7'. the targets that need the reference weights come first: those may be swapped into the
+        # live parameters (the EMA, the kept teacher), so no graph may exist yet
+        target_real = self._real_target(model, x_a, z3, x_real_t, t_real, c_a, m_a) if p.lambda_r > 0 else None
+        v_data = velocity_target(x[gen], z)  # the consistency target's small data step (a random data pairing)
+        displacement = self._consistency_displacement(model, z, v_data, t0, c_g, m_g) if p.consistency_weight > 0 else None
 
         # The generator output is needed before x_s exists, so the generator pass runs first;
         # the fake-branch and anchor passes then share one batched call.
-        v_gen = model(z, t0, c, mask)
+        v_gen = model(z, t0, c_g, m_g)
         x_g = (z - bcast(t0, z) * v_gen).detach()
         x_s = interpolate(x_g, z2, s)
+        c_fake = self.shift(c_g)
 
         if p.lambda_r > 0:
             v_fake_s, v_real_x = _split(
-                model(torch.cat([x_s, x_real_t]), torch.cat([s, t_real]), torch.cat([c_fake, c]), cat_batches(mask, mask)), n
+                model(torch.cat([x_s, x_real_t]), torch.cat([s, t_real]), torch.cat([c_fake, c_a]), cat_batches(m_g, m_a)), n
             )
-        else:  # no anchor: one gradient pass fewer (about a third of apex's training cost)
-            v_fake_s, v_real_x = model(x_s, s, c_fake, mask), None
+        else:  # no anchor: one gradient pass fewer
+            v_fake_s, v_real_x = model(x_s, s, c_fake, m_g), None
         with torch.no_grad():  # 3. correction from the two branches at the re-noised point
-            v_real_s = model(x_s, s, c, mask)
+            v_real_s = model(x_s, s, c_g, m_g)
             correction = (v_fake_s.detach() - v_real_s).clamp(-p.correction_clamp, p.correction_clamp)
 
         loss_gen = mse(v_gen, (v_gen - correction).detach()).mean()  # 4.
         loss_fake = mse(v_fake_s, velocity_target(x_g, z2)).mean()  # 5.
-        if v_real_x is not None:  # 6.
-            loss_real = mse(v_real_x, target_real).mean()
+        zero = torch.zeros((), device=x.device)
+        loss_real = mse(v_real_x, target_real).mean() if v_real_x is not None else zero  # 6.
+        if displacement is not None:  # 7. the released code's RCGM consistency target on the one-step group
+            target_c = consistency_from_displacement(v_gen, displacement, v_data, t0, torch.zeros_like(t0), clamp=p.correction_clamp)
+            loss_cons = mse(v_gen, target_c).mean()
         else:
-            loss_real = torch.zeros((), device=x.device)
+            loss_cons = zero
         lambda_g = p.lambda_g * ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)
-        loss = lambda_g * loss_gen + p.lambda_p * loss_fake + p.lambda_r * loss_real
+        loss = lambda_g * loss_gen + p.lambda_p * loss_fake + p.lambda_r * loss_real + p.consistency_weight * loss_cons
         return loss, scalar_metrics(
             loss=loss,
             loss_gen=loss_gen,
             loss_fake=loss_fake,
             loss_real=loss_real,
+            loss_cons=loss_cons,
             correction_abs=correction.abs().mean(),
             lambda_g_eff=lambda_g,
             shift_a=self.shift.a,
             shift_b=self.shift.b,
         )
 
+    def _groups(self, n: int) -> tuple[slice, slice]:
+        """Rows of the generator/fake group and of the anchor: all rows for both at generator_fraction 1,
+        else the first share of the batch and the rest."""
+        f = self.cfg.apex.generator_fraction
+        if f >= 1.0:
+            return slice(0, n), slice(0, n)
+        if n < 2:
+            raise ValueError(f"objective.apex.generator_fraction={f} splits each batch into a generator and an anchor group: "
+                             f"train.batch_size must be at least 2, got {n}")
+        k = min(n - 1, max(1, round(n * f)))
+        return slice(0, k), slice(k, n)
+
+    def _consistency_displacement(self, model: nn.Module, z: Tensor, v_data: Tensor, t0: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
+        """D of the consistency target: the reference weights' Euler sub-steps from t0 - delta to 0."""
+        p = self.cfg.apex
+        with torch.no_grad(), self._reference(p.consistency_reference, "objective.apex.consistency_weight > 0"):
+            return consistency_displacement(lambda x_, t_, _r: model(x_, t_, c, mask), z, v_data, t0, torch.zeros_like(t0),
+                                            p.consistency_steps)
+
+    def _reference(self, source: str, why: str):
+        if getattr(self, "reference", None) is None:
+            raise RuntimeError(f"{why} needs reference weights (set_guidance was not called)")
+        return self.reference(source)
 
     def _real_target(self, model: nn.Module, x: Tensor, z: Tensor, x_t: Tensor, t: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
         """The anchor's target: the data velocity, plus r times the reference model's guidance
@@ -104,16 +136,20 @@ class Apex(ShiftedObjective):
         r = float(self.cfg.apex.guidance_ratio or 0.0)
         if r <= 0:
             return target
-        if getattr(self, "negative", None) is None or getattr(self, "reference", None) is None:
-            raise RuntimeError("objective.apex.guidance_ratio > 0 needs the cached negative embedding and reference weights "
-                               "(set_guidance was not called)")
+        if getattr(self, "negative", None) is None:
+            raise RuntimeError("objective.apex.guidance_ratio > 0 needs the cached negative embedding (set_guidance was not called "
+                               "with one)")
         n = x.shape[0]
         neg, neg_mask = (v.to(x.device) for v in self.negative)
         neg = neg.to(c.dtype).expand(n, -1, -1)
         neg_mask = neg_mask.expand(n, -1).to(mask.dtype) if mask is not None else None
-        with torch.no_grad(), self.reference():
+        with torch.no_grad(), self._reference(self.cfg.apex.guidance_reference, "objective.apex.guidance_ratio > 0"):
             v_cond, v_uncond = _split(model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c, neg]), cat_batches(mask, neg_mask)), n)
         return target + r * (v_cond - v_uncond).detach()
+
+
+def _rows(mask: Tensor | None, rows: slice) -> Tensor | None:
+    return None if mask is None else mask[rows]
 
 
 def _split(v: Tensor, n: int) -> tuple[Tensor, Tensor]:

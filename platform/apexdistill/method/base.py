@@ -42,9 +42,10 @@ class Objective(nn.Module):
         and before a checkpoint is loaded: the place to copy a frozen teacher."""
 
     def set_guidance(self, negative: tuple[Tensor, Tensor] | None, reference: Any = None) -> None:
-        """The dataset's negative (unconditional) text states (1, L, D), mask (1, L), and a context
-        manager factory under which the model computes the reference (frozen-base or EMA) velocities
-        for guidance. Objectives that use no guidance ignore it."""
+        """The dataset's negative (unconditional) text states (1, L, D), mask (1, L) (None when the cache
+        has none), and ``reference(source)``: a context manager factory under which the model computes
+        the reference velocities, ``source`` one of auto / frozen / ema (see ``train.loop.reference_weights``).
+        Objectives that use neither guidance nor a reference ignore it."""
         self.negative, self.reference = negative, reference
 
 

@@ -100,6 +100,30 @@ def euler_displacement(velocity: VelocityFn, x: Tensor, t: Tensor, target_t: Ten
 
 
 @torch.no_grad()
+def consistency_displacement(velocity: VelocityFn, x_t: Tensor, v_target: Tensor, t: Tensor, target_t: Tensor, steps: int,
+                             delta_t: float = RCGM_DELTA_T) -> Tensor:
+    """D of the RCGM target: a small step along ``v_target`` from (x_t, t) to t' = max(t - delta_t, r), then
+    the model's own ``steps`` Euler sub-steps from t' to r; D = x_t' - x_r."""
+    t_mid = torch.maximum(t - delta_t, target_t)
+    return euler_displacement(velocity, x_t - delta_t * v_target, t_mid, target_t, steps)
+
+
+@torch.no_grad()
+def consistency_from_displacement(f_current: Tensor, displacement: Tensor, v_target: Tensor, t: Tensor, target_t: Tensor,
+                                  delta_t: float = RCGM_DELTA_T, clamp: float = RCGM_RESIDUAL_CLAMP) -> Tensor:
+    """F - clamp(R): a consistent model satisfies (t-r)*F = delta_t*v_target + D, and the residual per
+    ``delta_t`` is R = ((t-r)*F - D)/delta_t - v_target. Rows with t - r < delta_t have no room for the
+    split and fall back to R = F - v_target (flow matching)."""
+    f_current = f_current.detach()
+    gap = t - target_t
+    residual_far = (bcast(gap, f_current) * f_current - displacement) / delta_t - v_target
+    residual_near = f_current - v_target
+    near = (gap < delta_t).reshape(-1, *([1] * (f_current.dim() - 1)))
+    residual = torch.where(near, residual_near, residual_far)
+    return f_current - residual.clamp(-clamp, clamp)
+
+
+@torch.no_grad()
 def consistency_target(
     velocity: VelocityFn,
     f_current: Tensor,
@@ -114,18 +138,9 @@ def consistency_target(
     """RCGM target for F(x_t, t, target_t=r): F - clamp(R), R the consistency residual per ``delta_t``.
 
     Jumping from t to r must equal a small step along ``v_target`` followed by the model's own
-    jump from t - delta_t to r: (t-r)*F = delta_t*v_target + D. Rows with t - r < delta_t have
-    no room for the split and fall back to R = F - v_target (flow matching)."""
-    f_current = f_current.detach()
-    gap = t - target_t
-    t_mid = torch.maximum(t - delta_t, target_t)
-    x_mid = x_t - delta_t * v_target
-    displacement = euler_displacement(velocity, x_mid, t_mid, target_t, steps)
-    residual_far = (bcast(gap, x_t) * f_current - displacement) / delta_t - v_target
-    residual_near = f_current - v_target
-    near = (gap < delta_t).reshape(-1, *([1] * (x_t.dim() - 1)))
-    residual = torch.where(near, residual_near, residual_far)
-    return f_current - residual.clamp(-clamp, clamp)
+    jump from t - delta_t to r: (t-r)*F = delta_t*v_target + D."""
+    displacement = consistency_displacement(velocity, x_t, v_target, t, target_t, steps, delta_t)
+    return consistency_from_displacement(f_current, displacement, v_target, t, target_t, delta_t, clamp)
 
 
 @dataclass

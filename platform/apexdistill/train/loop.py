@@ -337,7 +337,7 @@ def reference_weights(strategy: Strategy, source: str = "auto", frozen: dict[str
         return
     if source == "frozen":
         if frozen is None:
-            raise ValueError("objective.apex.guidance_reference=frozen without LoRA needs the kept initial weights")
+            raise ValueError("a frozen reference without LoRA needs the kept initial weights (keep_initial_weights)")
         values = frozen
     elif strategy.ema is not None:
         values = strategy.ema.shadow
@@ -358,12 +358,24 @@ def reference_weights(strategy: Strategy, source: str = "auto", frozen: dict[str
                 params[name].detach().copy_(value)
 
 
+def bind_reference(objective: torch.nn.Module, strategy: Strategy, frozen: dict[str, torch.Tensor] | None,
+                   negative: dict[str, list] | None = None) -> None:
+    """Give the objective its reference weights (``reference_weights`` on this strategy, with the kept
+    initial weights) and the cache's negative embedding, if any (``{"text": ..., "mask": ...}``)."""
+    neg = None
+    if negative:
+        neg = (torch.tensor(negative["text"], dtype=torch.float32), torch.tensor(negative["mask"], dtype=torch.long))
+    objective.set_guidance(neg, lambda source: reference_weights(strategy, source, frozen))
+
+
 def keep_initial_weights(cfg: Config, backbone: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """A copy of the trained parameters as they start (the teacher's), when guidance needs them."""
     from apexdistill.models.lora import has_lora
 
     apex = cfg.objective.apex
-    if cfg.objective.name != "apex" or not (apex.guidance_ratio or 0) > 0 or apex.guidance_reference != "frozen" or has_lora(backbone):
+    guidance = (apex.guidance_ratio or 0) > 0 and apex.guidance_reference == "frozen"
+    consistency = apex.consistency_weight > 0 and apex.consistency_reference == "frozen"
+    if cfg.objective.name != "apex" or not (guidance or consistency) or has_lora(backbone):
         return None
     return {n: p.detach().clone() for n, p in backbone.named_parameters() if p.requires_grad}
 
@@ -388,12 +400,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of {objective.batch_multiple} for {objective.name}")
     strategy = build_strategy(cfg, rank, world, device)
     strategy.wrap(backbone, objective)
+    frozen = keep_initial_weights(cfg, backbone)  # before a checkpoint is loaded: the teacher's weights (shards under FSDP2)
     negative = loop_config.get("negative")
-    if negative is not None:
-        frozen = keep_initial_weights(cfg, backbone)  # before a checkpoint is loaded: the teacher's weights
-        source = cfg.objective.apex.guidance_reference
-        objective.set_guidance((torch.tensor(negative["text"], dtype=torch.float32), torch.tensor(negative["mask"], dtype=torch.long)),
-                               lambda: reference_weights(strategy, source, frozen))
+    bind_reference(objective, strategy, frozen, negative)
     torch.manual_seed(cfg.run.seed + 1000 * rank)  # then different noise on every rank
 
     from apexdistill.tracking import RunLogger
