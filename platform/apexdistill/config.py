@@ -255,6 +255,9 @@ class TrainConfig(_Section):
     )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    gradient_checkpointing: bool = Field(
+        False, description="activation checkpointing of every transformer block (diffusers' enable_gradient_checkpointing): "
+        "a block keeps only its inputs and recomputes the rest in backward; same gradients, about a third more compute")
     log_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(500, ge=0, description="publish a checkpoint every N steps (0 = only at the end)")
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept (the newest ones)")

@@ -75,6 +75,11 @@ class ZImageBackbone(Backbone):
         self.patch = ZIMAGE_PATCH if ZIMAGE_PATCH in patches else int(patches[0])
         self.f_patch = int(tuple(transformer.config.all_f_patch_size)[patches.index(self.patch)])
 
+    def blocks(self) -> list[nn.Module]:
+        # single stream: the refiners run first (noise, then context), then the main layers
+        tr = self.transformer
+        return [*tr.noise_refiner, *tr.context_refiner, *tr.layers]
+
     def forward(self, x, t, text, text_mask=None, target_t=None):
         self._check_target(target_t)
         b = x.shape[0]
