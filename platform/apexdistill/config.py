@@ -119,13 +119,23 @@ class LoraConfig(_Section):
 class ModelConfig(_Section):
     backbone: Literal["sana", "qwenimage", "zimage"] = Field(
         "sana", description="model family; with a stock pipeline folder in model.path it is read from model_index.json")
-    preset: Literal["tiny", "small"] = "tiny"
+    preset: str = Field(
+        "tiny", description="without model.path: tiny or small (sized for the data), or a published architecture with random "
+        "weights (sana-0.6b, sana-1.6b, qwenimage-20b, zimage-6b; `apexdistill plan` sizes its memory)")
     path: str | None = Field(
         None, description="a stock diffusers pipeline folder (model_index.json: family, transformer, VAE, text encoder and "
         "tokenizer all come from it), a transformer folder, or 'builtin:teacher' (the shipped digits teacher)"
     )
     target_time: bool = Field(False, description="add a target-time embedding (needed by twinflow)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _preset(self) -> "ModelConfig":
+        if not self.path:  # with model.path the architecture is the folder's; the preset is unused
+            from apexdistill.models.family import get_family  # the family module owns its presets
+
+            get_family(self.backbone).check_preset(self.preset)
+        return self
 
 
 class VaeConfig(_Section):
