@@ -268,6 +268,8 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="activation checkpointing of every transformer block (diffusers' enable_gradient_checkpointing): "
         "a block keeps only its inputs and recomputes the rest in backward; same gradients, about a third more compute")
+    gpu_memory_gb: float = Field(80.0, gt=0, description="memory of one GPU (GiB): with train.use_gpu, `train` refuses a run "
+                                 "whose memory plan (`apexdistill plan`) does not fit")
     log_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(500, ge=0, description="publish a checkpoint every N steps (0 = only at the end)")
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept (the newest ones)")
