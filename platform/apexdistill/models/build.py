@@ -72,7 +72,7 @@ def _check_data(cfg: ModelConfig, backbone: Backbone, in_channels: int, text_dim
     published = not cfg.path and cfg.preset in get_family(cfg.backbone).published_presets
     what = f"model.preset='{cfg.preset}' is the published architecture: it" if published else "model: the transformer"
     if backbone.in_channels != in_channels:
-        raise ValueError(f"{what} takes {backbone.in_channels} latent channels but the data has {in_channels}"
+        raise ValueError(f"{what} takes {backbone.in_channels}{' latent' if published else ''} channels but the data has {in_channels}"
                          + (" (use the family's own VAE: vae.path)" if published else ""))
     if backbone.text_dim != text_dim:
         raise ValueError(f"{what} expects text states of width {backbone.text_dim}, the text encoder gives {text_dim}"
