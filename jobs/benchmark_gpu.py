@@ -77,14 +77,13 @@ def bench_size(preset: str, overrides: list[str], device: torch.device, batch: i
                latent: tuple[int, int, int], text: tuple[int, int]) -> dict[str, Any]:
     """One architecture: build it once, wrap it with fsdp2, time apex and fm with checkpointing off and
     on (diffusers' switch flips on the wrapped model), then sample."""
-    from diffusers import DPMSolverMultistepScheduler
-
     from apexdistill.config import build_config
     from apexdistill.method.base import build_objective
     from apexdistill.models.build import build_backbone
     from apexdistill.models.family import get_family
     from apexdistill.plan import plan_memory
     from apexdistill.train.strategy import build_strategy
+    from diffusers import DPMSolverMultistepScheduler
 
     common = [f"model.preset={preset}", "train.strategy=fsdp2", "train.num_workers=1", f"train.batch_size={batch}",
               f"train.use_gpu={device.type == 'cuda'}", "objective.apex.generator_warmup_steps=0",
@@ -145,9 +144,6 @@ def bench_size(preset: str, overrides: list[str], device: torch.device, batch: i
         out[name] = {"seconds_per_batch": median, "images_per_s": sample_batch / median}
         print(f"[bench] {preset} {name}: {sample_batch / median:.2f} images/s (batch {sample_batch})", flush=True)
     out["student_over_teacher"] = out["student_1nfe"]["images_per_s"] / out[f"teacher_{TEACHER_STEPS}step"]["images_per_s"]
-    del strategy, backbone, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -185,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for preset in presets:
             results[preset] = bench_size(preset, list(args.overrides), device, args.batch, args.steps, args.sample_batch,
                                          latent, text)
+            if device.type == "cuda":  # the previous size's model, optimizer and EMA are gone with its frame
+                torch.cuda.empty_cache()
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "batch_per_gpu": args.batch, "latent": latent, "text_tokens": text[0], "results": results,
               "paper_samples_per_s_06b_a100": PAPER_SAMPLES_PER_S_06B_A100}

@@ -9,7 +9,6 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-
 from apexdistill.config import build_config
 from apexdistill.method.base import build_objective
 from apexdistill.models.build import build_backbone
@@ -127,7 +126,7 @@ def test_checkpointing_lowers_the_measured_peak_memory():
         s.wrap(backbone, build_objective(cfg.objective))
         batch = _batch(16, channels=1, side=32)
 
-        def step():
+        def step(s=s, batch=batch):
             loss, _ = s.objective.loss(s.model, batch, step=1000)
             s.backward(loss)
 

@@ -8,12 +8,16 @@ import json
 
 import pytest
 import torch
-
 from apexdistill.cli import main
 from apexdistill.config import ConfigError, build_config
 from apexdistill.method.base import build_objective
 from apexdistill.models.build import build_backbone, build_meta_backbone
-from apexdistill.plan import check_plan_fits, config_shapes, measure_peak_bytes, plan_memory
+from apexdistill.plan import (
+    check_plan_fits,
+    config_shapes,
+    measure_peak_bytes,
+    plan_memory,
+)
 from apexdistill.train.strategy import build_strategy
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,9 +53,9 @@ def test_presets_are_checked_per_family_and_against_the_data():
     with pytest.raises(ConfigError, match=r"model.preset: unknown preset 'zimage-6b' for sana"):
         build_config({}, ["model.preset=zimage-6b"])
     cfg = build_config({}, ["model.preset=sana-0.6b"])
-    with pytest.raises(ValueError, match=r"model.preset='sana-0.6b' is the published architecture: it takes 32 latent channels"):
-        with torch.device("meta"):
-            build_backbone(cfg.model, 1, 16, 384)
+    with pytest.raises(ValueError, match=r"model.preset='sana-0.6b' is the published architecture: it takes 32 latent channels"), \
+            torch.device("meta"):
+        build_backbone(cfg.model, 1, 16, 384)
     with pytest.raises(ConfigError, match=r"data.resolution=16 is not a multiple of 32"):
         plan_memory(cfg)
 

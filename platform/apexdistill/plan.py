@@ -79,7 +79,7 @@ class _FlashAttention(torch.autograd.Function):
     when there is one). Forward computes the real output (shape-only on meta)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, kwargs):  # noqa: D401 - autograd signature
+    def forward(ctx, q, k, v, mask, kwargs):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse, *([mask] if isinstance(mask, torch.Tensor) else []))
