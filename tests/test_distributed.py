@@ -41,7 +41,8 @@ def _max_diff(a, b):
 
 def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache):
     """ddp, fsdp2 and deepspeed ZeRO-2 on the same data, seeds and init take the same steps: their
-    final weights agree to float32 round-off (the three reduce the same gradients differently)."""
+    final weights agree to float32 round-off (the three reduce the same gradients differently).
+    fsdp2 and deepspeed run with activation checkpointing, ddp without: it changes no step."""
     import ray
 
     from apexdistill.train.driver import ensure_ray
@@ -54,7 +55,8 @@ def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache):
     for strategy in ("ddp", "fsdp2", "deepspeed"):
         results[strategy] = run_training(_cfg(tmp_path, shared_cache, f"run.name={strategy}", f"train.strategy={strategy}",
                                               "train.steps=4", "train.checkpoint_every=2", "tracking.enabled=false",
-                                              f"train.cpus_per_worker={busy}"))
+                                              f"train.cpus_per_worker={busy}",
+                                              f"train.gradient_checkpointing={strategy != 'ddp'}"))
     for strategy, result in results.items():
         assert result.metrics["step"] == 4 and torch.isfinite(torch.tensor(result.metrics["loss"]))
         steps = sorted(p.name for p in (result.run_dir / "checkpoints").glob("step_*"))
@@ -132,7 +134,7 @@ def test_lora_with_fsdp2_exports_an_adapter_that_loads_back(tmp_path, shared_cac
     from apexdistill.train.export import export_pipeline, load_trained_backbone
 
     cfg = _cfg(tmp_path, shared_cache, "run.name=lora", "train.strategy=fsdp2", "train.steps=3", "model.path=builtin:teacher",
-               "model.lora.enabled=true", "model.lora.rank=4", "train.lr=1e-2")
+               "model.lora.enabled=true", "model.lora.rank=4", "train.lr=1e-2", "train.gradient_checkpointing=true")
     result = run_training(cfg)
     trained, _ = load_trained_backbone(result.run_dir, use_ema=False)
     lora_b = [v for k, v in trained.state_dict().items() if "lora_B" in k]

@@ -35,6 +35,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from apexdistill.config import load_config
+    from apexdistill.plan import format_plan, plan_memory
+
+    plan = plan_memory(load_config(args.config, list(args.overrides)))
+    print(json.dumps(plan.as_dict()) if args.json else format_plan(plan))
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path as _Path
 
@@ -224,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLflow tracking URI (default: tracking.uri, MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
     t.set_defaults(fn=_cmd_train)
+
+    pl = sub.add_parser("plan", help="per-GPU memory (weights, gradients, optimizer, EMA, activations) and parameter counts "
+                                     "of a training config, and whether it fits train.gpu_memory_gb; nothing is allocated")
+    pl.add_argument("-c", "--config", default=None, help="YAML config (default: the defaults)")
+    pl.add_argument("--json", action="store_true", help="print the plan as one JSON object on one line")
+    pl.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.preset=sana-1.6b train.num_workers=8")
+    pl.set_defaults(fn=_cmd_plan)
 
     w = sub.add_parser("sweep", help="a Ray Tune sweep over config keys; one MLflow parent run, a child run per trial")
     w.add_argument("-c", "--config", default=None, help="base YAML config (default: the demo's: the shipped digits teacher)")

@@ -119,13 +119,23 @@ class LoraConfig(_Section):
 class ModelConfig(_Section):
     backbone: Literal["sana", "qwenimage", "zimage"] = Field(
         "sana", description="model family; with a stock pipeline folder in model.path it is read from model_index.json")
-    preset: Literal["tiny", "small"] = "tiny"
+    preset: str = Field(
+        "tiny", description="without model.path: tiny or small (sized for the data), or a published architecture with random "
+        "weights (sana-0.6b, sana-1.6b, qwenimage-20b, zimage-6b; `apexdistill plan` sizes its memory)")
     path: str | None = Field(
         None, description="a stock diffusers pipeline folder (model_index.json: family, transformer, VAE, text encoder and "
         "tokenizer all come from it), a transformer folder, or 'builtin:teacher' (the shipped digits teacher)"
     )
     target_time: bool = Field(False, description="add a target-time embedding (needed by twinflow)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _preset(self) -> "ModelConfig":
+        if not self.path:  # with model.path the architecture is the folder's; the preset is unused
+            from apexdistill.models.family import get_family  # the family module owns its presets
+
+            get_family(self.backbone).check_preset(self.preset)
+        return self
 
 
 class VaeConfig(_Section):
@@ -268,6 +278,11 @@ class TrainConfig(_Section):
     )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    gradient_checkpointing: bool = Field(
+        False, description="activation checkpointing of every transformer block (diffusers' enable_gradient_checkpointing): "
+        "a block keeps only its inputs and recomputes the rest in backward; same gradients, about a third more compute")
+    gpu_memory_gb: float = Field(80.0, gt=0, description="memory of one GPU (GiB): with train.use_gpu, `train` refuses a run "
+                                 "whose memory plan (`apexdistill plan`) does not fit")
     log_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(500, ge=0, description="publish a checkpoint every N steps (0 = only at the end)")
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept (the newest ones)")

@@ -41,6 +41,10 @@ class Apex(ShiftedObjective):
         t_max = min(cfg.time.max, cfg.apex.anchor_t_max)
         self.anchor_time = cfg.time.model_copy(update={"max": t_max, "min": min(cfg.time.min, t_max / 2)})
 
+    def gradient_passes(self) -> tuple[int, ...]:
+        # the generator pass (B), then the fake branch and the anchor batched together (2B)
+        return (1, 2) if self.cfg.apex.lambda_r > 0 else (1, 1)
+
     def loss(self, model: nn.Module, batch: Batch, step: int = 0) -> tuple[Tensor, dict[str, float]]:
         p = self.cfg.apex
         x, c, mask = batch["x"], batch["text"], batch.get("text_mask")

@@ -122,6 +122,10 @@ class ApexLiteral(ShiftedObjective):
         frac = ramp(step, p.warmup_steps, p.ramp_steps)
         return p.lam * frac, p.lambda_p * frac
 
+    def gradient_passes(self) -> tuple[int, ...]:
+        # F(x_t, t, c), then the fake branch once lambda_p is on
+        return (1, 1) if self.cfg.apex_literal.lambda_p > 0 else (1,)
+
     def loss(self, model: nn.Module, batch: Batch, step: int = 0) -> tuple[Tensor, dict[str, float]]:
         p: ApexLiteralConfig = self.cfg.apex_literal
         x, c, mask = batch["x"], batch["text"], batch.get("text_mask")

@@ -37,6 +37,12 @@ class Objective(nn.Module):
         """Extra optimizer groups owned by the objective (e.g. the learnable shift)."""
         return []
 
+    def gradient_passes(self) -> tuple[int, ...]:
+        """The network calls of one step that keep their autograd graph until backward, each as a
+        multiple of the batch size: their activations are held at once (``apexdistill plan``).
+        Calls under ``torch.no_grad`` keep nothing and are not listed."""
+        return (1,)
+
     def attach(self, backbone: nn.Module) -> None:
         """Called once with the plain backbone, before any parallel wrapping (DDP, FSDP2, DeepSpeed)
         and before a checkpoint is loaded: the place to copy a frozen teacher."""

@@ -45,6 +45,17 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, target_t: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
+    def blocks(self) -> list[nn.Module]:
+        """The transformer's repeated blocks, in call order: what FSDP2 shards one by one, what
+        activation checkpointing recomputes, and what the memory plan measures per block."""
+        return list(self.transformer.transformer_blocks)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing of every block through diffusers' own switch: under autograd each
+        block runs inside ``torch.utils.checkpoint`` (non-reentrant, so frozen inputs under LoRA and
+        FSDP2's per-block hooks work), keeps only its inputs and recomputes the rest in backward."""
+        self.transformer.enable_gradient_checkpointing()
+
     def target_time_modules(self) -> dict[str, nn.Module]:
         """The modules that embed the target time, by backbone-relative name (empty without one).
         They train even under LoRA: a pretrained model has never seen a target time."""

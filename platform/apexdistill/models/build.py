@@ -60,12 +60,43 @@ def build_backbone(cfg: ModelConfig, in_channels: int, sample_size: int, text_di
                 f"model.target_time: '{folder}' was saved with a target-time embedding ({TARGET_TIME_WEIGHTS}); set model.target_time=true"
             )
         load_target_time(backbone, folder / TARGET_TIME_WEIGHTS)
-    if backbone.in_channels != in_channels:
-        raise ValueError(f"model: the transformer takes {backbone.in_channels} channels but the data has {in_channels}")
-    if backbone.text_dim != text_dim:
-        raise ValueError(f"model: the transformer expects text states of width {backbone.text_dim}, the text encoder gives {text_dim}")
+    _check_data(cfg, backbone, in_channels, text_dim)
     if cfg.lora.enabled:
         from apexdistill.models.lora import apply_lora
 
         apply_lora(backbone, cfg.lora)
+    return backbone
+
+
+def _check_data(cfg: ModelConfig, backbone: Backbone, in_channels: int, text_dim: int) -> None:
+    published = not cfg.path and cfg.preset in get_family(cfg.backbone).published_presets
+    what = f"model.preset='{cfg.preset}' is the published architecture: it" if published else "model: the transformer"
+    if backbone.in_channels != in_channels:
+        raise ValueError(f"{what} takes {backbone.in_channels}{' latent' if published else ''} channels but the data has {in_channels}"
+                         + (" (use the family's own VAE: vae.path)" if published else ""))
+    if backbone.text_dim != text_dim:
+        raise ValueError(f"{what} expects text states of width {backbone.text_dim}, the text encoder gives {text_dim}"
+                         + (" (use the family's own text encoder)" if published else ""))
+
+
+def build_meta_backbone(cfg: ModelConfig, in_channels: int, sample_size: int, text_dim: int) -> Backbone:
+    """The architecture ``build_backbone`` builds, LoRA adapters included, on the meta device: every
+    parameter has its shape and dtype and no storage, and nothing beyond ``config.json`` is read from
+    ``model.path``. What ``apexdistill plan`` counts and traces; a 20B model costs a second."""
+    import torch
+
+    family = get_family(cfg.backbone)
+    cls = family.transformer_cls()
+    with torch.device("meta"):
+        if cfg.path:
+            folder = resolve_transformer_folder(resolve_model_path(cfg.path))
+            _check_class(folder, cfg.backbone)
+            transformer = cls.from_config(cls.load_config(str(folder)))
+        else:
+            transformer = cls(**family.preset_config(cfg.preset, in_channels, sample_size, text_dim, cfg.target_time))
+        backbone = family.backbone_class(transformer, target_time=cfg.target_time)
+        if cfg.lora.enabled:
+            from apexdistill.models.lora import apply_lora
+
+            apply_lora(backbone, cfg.lora)
     return backbone

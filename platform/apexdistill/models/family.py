@@ -10,8 +10,9 @@ family-specific lives there:
   ``encode_negative``) and its settings' defaults (``prompt_defaults``);
 - the CFG combination (``combine_cfg``) and the default guidance scale (the pipeline's own);
 - how the pipeline sets its scheduler's timesteps (``set_timesteps``);
-- default LoRA targets, the small presets (``preset_config``) and a tiny pipeline built offline
-  from the real classes (``build_tiny_pipeline``).
+- default LoRA targets, the presets (``preset_config``: 'tiny' and 'small' sized for the data, and
+  the published architectures in ``published_presets``) and a tiny pipeline built offline from the
+  real classes (``build_tiny_pipeline``).
 
 Nothing outside ``models/`` branches on a family's name: it asks ``get_family(name)`` or
 ``family_of_pipeline(folder)``. Adding a family means adding one module and its name to
@@ -237,7 +238,35 @@ class Family:
 
     # ---------------------------------------------------------------- presets and tiny pipelines
 
+    #: presets every family has, sized for the data (``in_channels``, ``sample_size``, ``text_dim``)
+    SIZED_PRESETS: ClassVar[tuple[str, ...]] = ("tiny", "small")
+    #: the family's published transformer architectures by ``model.preset`` name: diffusers config
+    #: kwargs, built with random weights (never downloaded). Their latent channels and text width are
+    #: the published ones, whatever the data; ``apexdistill plan`` sizes a run of them.
+    published_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: pixels per latent cell of the VAE the published pipelines ship (for plans at a pixel resolution)
+    vae_downsample: ClassVar[int] = 8
+
+    def preset_names(self) -> list[str]:
+        return [*self.SIZED_PRESETS, *self.published_presets]
+
+    def check_preset(self, preset: str) -> None:
+        if preset not in self.preset_names():
+            raise ValueError(f"model.preset: unknown preset '{preset}' for {self.name}; choose one of {self.preset_names()}")
+
     def preset_config(self, preset: str, in_channels: int, sample_size: int, text_dim: int, target_time: bool = False) -> dict[str, Any]:
+        """The transformer's config kwargs for ``model.preset``: a published architecture as published
+        (``in_channels``, ``sample_size`` and ``text_dim`` are then ignored: the build checks the data
+        against it), or a sized preset (``sized_preset_config``)."""
+        self.check_preset(preset)
+        if preset in self.published_presets:
+            return self.published_config(preset, target_time)
+        return self.sized_preset_config(preset, in_channels, sample_size, text_dim, target_time)
+
+    def published_config(self, preset: str, target_time: bool = False) -> dict[str, Any]:
+        return dict(self.published_presets[preset])
+
+    def sized_preset_config(self, preset: str, in_channels: int, sample_size: int, text_dim: int, target_time: bool = False) -> dict[str, Any]:
         raise NotImplementedError
 
     def build_tiny_pipeline(self, folder: str | Path, *, seed: int = 0, text_dim: int | None = None) -> Path:

@@ -121,7 +121,17 @@ class QwenImage(Family):
     def patch_size(self, transformer_config: dict[str, Any]) -> int:
         return int(transformer_config.get("patch_size", 2) or 2)
 
-    def preset_config(self, preset: str, in_channels: int, sample_size: int, text_dim: int, target_time: bool = False) -> dict[str, Any]:
+    # Qwen-Image's transformer (Qwen/Qwen-Image, transformer/config.json; also QwenImageTransformer2DModel's
+    # defaults): 60 MMDiT blocks of 24 heads x 128, Qwen2.5-VL-7B's 3584-wide states, 16 latent
+    # channels packed 2x2 into 64, RoPE axes (16, 56, 56). 20.43B parameters. The target time (twinflow)
+    # is the backbone's own embedding, not part of this config.
+    published_presets = {
+        "qwenimage-20b": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                              num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+    }
+    vae_downsample = 8  # AutoencoderKLQwenImage
+
+    def sized_preset_config(self, preset: str, in_channels: int, sample_size: int, text_dim: int, target_time: bool = False) -> dict[str, Any]:
         heads, head_dim, layers, patch = {"tiny": (4, 32, 4, 4), "small": (6, 48, 6, 2)}[preset]
         frame = (head_dim // 4) // 2 * 2  # RoPE axes (frame, height, width), each even, summing to head_dim
         side = (head_dim - frame) // 2

@@ -139,7 +139,26 @@ class Sana(Family):
         cleaned = pipe._text_preprocessing(prompts, clean_caption=False)
         return super().token_count(pipe, cleaned, settings)
 
-    def preset_config(self, preset: str, in_channels: int, sample_size: int, text_dim: int, target_time: bool = False) -> dict[str, Any]:
+    # The published Sana transformers, as diffusers' scripts/convert_sana_to_diffusers.py builds them
+    # (SanaMS_600M_P1_D28 and SanaMS_1600M_P1_D20 at 1024 px): linear self-attention with 32-wide
+    # heads, softmax cross-attention to Gemma-2-2B's 2304-wide states, the DC-AE's 32 latent channels
+    # (f32: 1024 px = 32x32 latents), patch 1. 591.7M and 1604.5M parameters.
+    published_presets = {
+        "sana-0.6b": dict(in_channels=32, out_channels=32, num_attention_heads=36, attention_head_dim=32, num_layers=28,
+                          num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152,
+                          caption_channels=2304, mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1,
+                          norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None),
+        "sana-1.6b": dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                          num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                          caption_channels=2304, mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1,
+                          norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None),
+    }
+    vae_downsample = 32  # AutoencoderDC f32c32
+
+    def published_config(self, preset: str, target_time: bool = False) -> dict[str, Any]:
+        return {**self.published_presets[preset], "guidance_embeds": target_time}
+
+    def sized_preset_config(self, preset: str, in_channels: int, sample_size: int, text_dim: int, target_time: bool = False) -> dict[str, Any]:
         # heads, head_dim, layers, patch: tiny is sized for 16x16 digits on 2 CPU cores (4x4 patches)
         heads, head_dim, layers, patch = {"tiny": (4, 32, 4, 4), "small": (6, 48, 6, 2)}[preset]
         patch = min(patch, sample_size)

@@ -75,6 +75,11 @@ class ZImageBackbone(Backbone):
         self.patch = ZIMAGE_PATCH if ZIMAGE_PATCH in patches else int(patches[0])
         self.f_patch = int(tuple(transformer.config.all_f_patch_size)[patches.index(self.patch)])
 
+    def blocks(self) -> list[nn.Module]:
+        # single stream: the refiners run first (noise, then context), then the main layers
+        tr = self.transformer
+        return [*tr.noise_refiner, *tr.context_refiner, *tr.layers]
+
     def forward(self, x, t, text, text_mask=None, target_t=None):
         self._check_target(target_t)
         b = x.shape[0]
@@ -228,11 +233,25 @@ class ZImage(Family):
 
     # ---------------------------------------------------------------- presets and tiny pipelines
 
-    def preset_config(self, preset: str, in_channels: int, sample_size: int, text_dim: int, target_time: bool = False) -> dict[str, Any]:
+    # Z-Image-Turbo's transformer (Tongyi-MAI/Z-Image-Turbo, transformer/config.json): 30 single-stream
+    # layers of dim 3840 (30 heads x 128) after 2 noise- and 2 context-refiner layers, Qwen3-4B's
+    # 2560-wide states, 16 latent channels in 2x2 patches, RoPE axes (32, 48, 48) over (1536, 512, 512)
+    # positions. 6.15B parameters.
+    published_presets = {
+        "zimage-6b": dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
+                          n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
+                          rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]),
+    }
+    vae_downsample = 8  # AutoencoderKL (FLUX's)
+
+    def published_config(self, preset: str, target_time: bool = False) -> dict[str, Any]:
         if target_time:
             raise ValueError("model.target_time is not supported for zimage")
-        if preset not in ("tiny", "small"):
-            raise ValueError(f"model.preset: unknown preset '{preset}' for zimage; choose 'tiny' or 'small'")
+        return super().published_config(preset)
+
+    def sized_preset_config(self, preset: str, in_channels: int, sample_size: int, text_dim: int, target_time: bool = False) -> dict[str, Any]:
+        if target_time:
+            raise ValueError("model.target_time is not supported for zimage")
         if sample_size % ZIMAGE_PATCH:
             raise ValueError(f"zimage needs latent sizes that are multiples of {ZIMAGE_PATCH} (got {sample_size})")
         # dim, heads, layers, refiner layers, rope axes (sum = head dim). The time embedder alone is

@@ -119,6 +119,24 @@ def connect(cfg: Config, address: str | None = None) -> None:
     check_cluster(cfg, uri, address)
 
 
+def check_memory_plan(cfg: Config) -> None:
+    """GPU runs: refuse a config whose memory plan (``apexdistill plan``) does not fit
+    ``train.gpu_memory_gb``, naming what would (``ConfigError``). A model the planner cannot trace
+    is reported and trained anyway: the plan is advice, the GPU has the last word."""
+    from apexdistill.config import ConfigError
+    from apexdistill.plan import check_plan_fits
+
+    try:
+        plan = check_plan_fits(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a planner limitation must not block training
+        print(f"[train] no memory plan for this model ({type(exc).__name__}: {exc}); training without one", flush=True)
+        return
+    if plan is not None:
+        print(f"[train] memory plan: {plan.per_gpu_gb:.1f} GB per GPU of train.gpu_memory_gb={cfg.train.gpu_memory_gb:g}", flush=True)
+
+
 def check_cpu_headroom(cfg: Config) -> None:
     """A streamed cache is read by Ray Data tasks that take a whole CPU each: workers that hold more
     than the rest of the cluster's CPUs leave them unscheduled and the run waits forever."""
@@ -232,6 +250,7 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     from apexdistill.train.data import DataShapes, row_bytes
     from apexdistill.train.loop import latest_checkpoint, train_loop_per_worker
 
+    check_memory_plan(cfg)  # a GPU run that cannot fit is refused before Ray, data or workers start
     out = run_dir(cfg)
     handle = None
     if cfg.tracking.enabled:  # an unreachable server is reported before any worker starts

@@ -10,8 +10,9 @@ Every strategy owns the same four jobs for the worker loop:
 - ``full_weights(ema)``: the whole model's weights on rank 0 (collective), for export and evaluation.
 
 ``none`` is one process; ``ddp`` replicates with ``DistributedDataParallel``; ``fsdp2`` applies
-``fully_shard`` to each transformer block and then the root and saves sharded checkpoints with
-``torch.distributed.checkpoint``; ``deepspeed`` runs ZeRO stage 1/2/3 from ``train.deepspeed``.
+``fully_shard`` to each transformer block (``backbone.blocks()``) and then the root and saves
+sharded checkpoints with ``torch.distributed.checkpoint``; ``deepspeed`` runs ZeRO stage 1/2/3 from ``train.deepspeed``.
+``train.gradient_checkpointing`` is switched on on the plain backbone before any wrapping.
 Objective parameters (a learnable condition shift) sit outside the backbone; ``ddp`` and ``fsdp2``
 average their gradients explicitly, ``deepspeed`` owns them through a container module.
 """
@@ -75,6 +76,13 @@ def apply_hyperparameters(cfg: Config, optimizer: torch.optim.Optimizer, objecti
         group["weight_decay"] = cfg.train.weight_decay
 
 
+def prepare_backbone(cfg: Config, backbone: nn.Module) -> None:
+    """What every strategy does to the plain backbone before it wraps it (so before ``fully_shard``,
+    DDP or DeepSpeed): activation checkpointing of its blocks with ``train.gradient_checkpointing``."""
+    if cfg.train.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
+
+
 class Strategy:
     name = "none"
 
@@ -89,6 +97,7 @@ class Strategy:
     # ------------------------------------------------------------------ setup
     def wrap(self, backbone: nn.Module, objective: nn.Module) -> None:
         objective.attach(backbone)
+        prepare_backbone(self.cfg, backbone)
         self.backbone, self.objective = backbone.to(self.device), objective.to(self.device)
         self.model = self._wrap_model(self.backbone)
         self.optimizer = build_optimizer(self.cfg, self.backbone, self.objective)
@@ -215,10 +224,10 @@ class DDPStrategy(Strategy):
 
 
 def transformer_blocks(backbone: nn.Module) -> list[nn.Module]:
-    blocks = getattr(getattr(backbone, "transformer", backbone), "transformer_blocks", None)
+    blocks = getattr(backbone, "blocks", None)
     if blocks is None:
-        raise ValueError(f"train.strategy='fsdp2': {type(backbone).__name__} has no transformer_blocks to shard")
-    return list(blocks)
+        raise ValueError(f"train.strategy='fsdp2': {type(backbone).__name__} has no transformer blocks to shard")
+    return blocks()
 
 
 class TrainModule(nn.Module):
@@ -319,6 +328,7 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         objective.attach(backbone)
+        prepare_backbone(self.cfg, backbone)
         self.backbone, self.objective = backbone.to(self.device), objective.to(self.device)
         t = self.cfg.train
         ds_config: dict[str, Any] = {

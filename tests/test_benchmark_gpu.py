@@ -1,0 +1,52 @@
+"""jobs/benchmark_gpu.py: it refuses clearly without CUDA, and its whole code path (fsdp2 on a real
+one-rank gloo group, apex and fm with and without checkpointing, student and teacher sampling, the
+JSON and the MLflow run) runs on a tiny Sana on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.timeout(120)
+SCRIPT = Path(__file__).resolve().parents[1] / "jobs" / "benchmark_gpu.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("benchmark_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_refuses_without_cuda():
+    with pytest.raises(SystemExit, match="no CUDA device here.*--device cpu --tiny"):
+        _load().main(["--workdir", "unused"])
+    with pytest.raises(SystemExit, match="--device cpu runs only with --tiny"):
+        _load().main(["--device", "cpu"])
+
+
+def test_tiny_cpu_run_covers_the_code_path(tmp_path):
+    previous = mlflow.get_tracking_uri()
+    threads = torch.get_num_threads()
+    try:
+        record = _load().main(["--device", "cpu", "--tiny", "--steps", "1", "--batch", "4", "--sample-batch", "2",
+                               "--workdir", str(tmp_path)])
+    finally:
+        mlflow.set_tracking_uri(previous)
+        torch.set_num_threads(threads)
+    tiny = record["results"]["tiny"]
+    for key in ("apex", "fm", "apex_ckpt", "fm_ckpt"):
+        assert tiny[key]["step_s"] > 0 and tiny[key]["samples_per_s"] > 0, key
+    assert tiny["student_over_teacher"] > 1  # 1 pass against 20 steps of 2 passes
+    saved = json.loads((tmp_path / "benchmarks" / "gpu-tiny-cpu.json").read_text())
+    assert saved["results"]["tiny"]["parameters"] == tiny["parameters"] > 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("benchmarks").experiment_id])
+    assert run.data.metrics["tiny/student_1nfe/images_per_s"] > 0 and "tiny/apex_ckpt/step_s" in run.data.metrics
