@@ -75,7 +75,8 @@ def run_identity(cfg: Config) -> dict[str, Any]:
     if cfg.train.strategy == "deepspeed":  # ZeRO's partitioned optimizer states are per world size
         parallel.update(workers=cfg.train.num_workers, stage=cfg.train.deepspeed.stage)
     return {"objective": cfg.objective.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-            "data": {"source": cfg.data.source, "path": cfg.data.path, "resolution": cfg.data.resolution},
+            "data": {"source": cfg.data.source, "path": cfg.data.path, "resolution": cfg.data.resolution,
+                     **({"buckets": cfg.data.model_dump(mode="json")["buckets"]} if cfg.data.buckets is not None else {})},
             "text_encoder": cfg.text_encoder.model_dump(mode="json"), "vae": cfg.vae.model_dump(mode="json"),
             "parallel": parallel}
 
@@ -379,7 +380,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (FSDP2 keeps each rank's own shard)
 
     shapes = DataShapes(**loop_config["shapes"])
-    batches = shard_batches(ray.train.get_dataset_shard("train"), cfg, shapes.rows // world, loop_config["row_bytes"], cfg.run.seed + 1000 * rank)
+    batches = shard_batches(ray.train.get_dataset_shard("train"), cfg, shapes.rows // world, loop_config["row_bytes"], cfg.run.seed + 1000 * rank,
+                            shapes)
+    if getattr(batches, "left_out", None):
+        left = ", ".join(f"{shapes.buckets[b][0]}x{shapes.buckets[b][1]} ({shapes.bucket_rows[b]} rows)" for b in batches.left_out)
+        _log(rank, f"[train] buckets left out (some rank's shard has no row of them): {left}")
     backbone = build_backbone(cfg.model, shapes.channels, shapes.resolution, shapes.text_dim)
     if cfg.model.path:
         _log(rank, f"[train] initialised from {cfg.model.path}")

@@ -1,0 +1,150 @@
+"""Aspect-ratio buckets: real photos (scikit-image) of mixed shapes in an imagefolder land in their
+nearest-aspect bucket in the real Ray Data cache; the real batch sampler never mixes buckets and
+gives every rank the same bucket sequence; a short real training run on buckets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from apexdistill.config import ConfigError, build_config
+from apexdistill.data.cache import cache_spec
+from apexdistill.data.sources import build_source
+from apexdistill.data.buckets import nearest_bucket, resolve_buckets, sana_buckets
+
+BUCKETS = [[16, 16], [16, 32], [32, 16]]  # (height, width): square, landscape 1:2, portrait 2:1
+# (file, photo, (width, height) it is cut to, expected bucket)
+PHOTOS = [
+    ("astronaut.png", "astronaut", (60, 60), 0),
+    ("coffee_wide.png", "coffee", (96, 48), 1),  # exactly 1:2: scaled by 1/3 to 32x16, no crop
+    ("chelsea_wide.png", "chelsea", (90, 50), 1),  # h/w 0.56: nearer 0.5 than 1
+    ("rocket_near_square.png", "rocket", (80, 62), 0),  # h/w 0.78: nearer 1 than 0.5 in log ratio
+    ("camera_tall.png", "camera", (30, 70), 2),
+    ("cat_tall.jpg", "cat", (40, 80), 2),
+    ("coffee_tall.png", "coffee", (45, 100), 2),
+]
+
+
+def _photo(name: str, size: tuple[int, int]) -> Image.Image:
+    import skimage.data
+
+    arr = getattr(skimage.data, name)()
+    img = Image.fromarray(arr).convert("RGB")
+    w, h = size  # centre region of the photo with that aspect ratio, then resized to it
+    scale = min(img.width / w, img.height / h)
+    cw, ch = int(w * scale), int(h * scale)
+    left, top = (img.width - cw) // 2, (img.height - ch) // 2
+    return img.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BILINEAR)
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    rows = []
+    for i, (file, photo, size, _) in enumerate(PHOTOS):
+        _photo(photo, size).save(root / file)
+        rows.append({"file_name": file, "text": f"a photo of {photo}", "label": i})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _cfg(workdir, folder, *overrides):
+    return build_config({}, [f"run.workdir={workdir}", "data.source=imagefolder", f"data.path={folder}", "data.channels=3",
+                             f"data.buckets={json.dumps(BUCKETS)}", *overrides])
+
+
+# ----------------------------------------------------------------------------- no Ray
+
+
+def test_named_sana_set_and_size_checks(tmp_path, photo_folder):
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN
+
+    # at a resolution diffusers has a table for, the table itself (its sides are multiples of 32 already)
+    assert sana_buckets(1024, 32) == [(int(h), int(w)) for h, w in ASPECT_RATIO_1024_BIN.values()]
+    assert sana_buckets(512, 32) == [(int(h), int(w)) for h, w in ASPECT_RATIO_512_BIN.values()]
+    # elsewhere the 1024 table scaled, rounded to the step, duplicates once: the square bin is the resolution
+    small = resolve_buckets(_cfg(tmp_path, photo_folder, "data.buckets=sana"))  # tiny Sana in pixels: step 4
+    assert (16, 16) in small and len(set(small)) == len(small) and all(h % 4 == 0 and w % 4 == 0 for h, w in small)
+    assert (8, 32) in small and (32, 8) in small  # the 1:4 and 4:1 bins
+
+    with pytest.raises(ConfigError, match=r"data\.buckets\[1\] = \[16, 30\].*multiples of 4 \(the VAE factor 1 x the transformer's patch size 4\)"):
+        _cfg(tmp_path, photo_folder, "data.buckets=[[16, 16], [16, 30]]")
+    with pytest.raises(ConfigError, match=r"data\.buckets.*built-in digits"):
+        build_config({}, ["data.buckets=sana"])
+    with pytest.raises(ConfigError, match=r"data\.buckets\[1\].*listed twice"):
+        _cfg(tmp_path, photo_folder, "data.buckets=[[16, 16], [16, 16]]")
+    # without buckets the key hashes exactly what it did before buckets existed: existing caches still hit
+    square = build_config({}, [f"run.workdir={tmp_path}", "data.source=imagefolder", f"data.path={photo_folder}", "data.channels=3"])
+    spec = cache_spec(square, build_source(square.data))
+    bucketed = cache_spec(_cfg(tmp_path, photo_folder), build_source(square.data))
+    assert "buckets" not in spec.material and spec.buckets is None and "-b" not in spec.key
+    assert bucketed.key != spec.key and bucketed.material["buckets"] == BUCKETS and "-b3-" in bucketed.key
+    assert nearest_bucket(100, 100, [tuple(b) for b in BUCKETS]) == 0
+    assert nearest_bucket(50, 100, [tuple(b) for b in BUCKETS]) == 2  # width 50, height 100: portrait
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+@pytest.mark.timeout(240)
+def test_photos_land_in_their_buckets_and_batches_never_mix(tmp_path, photo_folder):
+    from apexdistill.data.preprocess import load_cache_tensors, prepare_image, read_cache, run_preprocess
+    from apexdistill.train.data import BucketedInMemoryBatches, BucketedStreamingBatches, DataShapes, shard_batches
+    from apexdistill.train.driver import ensure_ray, run_training
+
+    ensure_ray()
+    cfg = _cfg(tmp_path, photo_folder, "train.batch_size=4", "data.cache_uri=" + str(tmp_path / "cache"))
+    info = run_preprocess(cfg)
+    assert info.rows == len(PHOTOS) and info.rejected == 0 and "-b3-" in info.key
+    assert [b["rows"] for b in info.manifest["buckets"]] == [2, 2, 3]
+    assert [b["x_shape"] for b in info.manifest["buckets"]] == [[3, 16, 16], [3, 16, 32], [3, 32, 16]]
+
+    cached = load_cache_tensors(info.uri)
+    by_file = dict(zip(cached["row_id"], zip(cached["bucket"].tolist(), cached["x"])))
+    for file, photo, size, bucket in PHOTOS:
+        got_bucket, x = by_file[file]
+        assert got_bucket == bucket, file
+        want = prepare_image(Image.open(photo_folder / file), 3, *BUCKETS[bucket])  # resize to cover, centre crop
+        assert tuple(x.shape) == (3, *BUCKETS[bucket]) and torch.allclose(x, torch.from_numpy(want), atol=1e-6), file
+    # an exactly 1:2 photo is only scaled (96x48 -> 32x16): no pixel of it is cropped away
+    exact = np.asarray(Image.open(photo_folder / "coffee_wide.png").resize((32, 16), Image.Resampling.BICUBIC), np.float32) / 127.5 - 1
+    assert torch.allclose(by_file["coffee_wide.png"][1], torch.from_numpy(exact.transpose(2, 0, 1)), atol=1e-6)
+
+    # the real batch sampler: one bucket per batch, the same bucket sequence on two ranks, proportions by rows
+    shapes = DataShapes.from_manifest(info.manifest, info.uri)
+    assert shapes.buckets == [[16, 16], [16, 32], [32, 16]] and shapes.resolution == 16
+    ranks = [shard_batches(read_cache(info.uri), cfg, info.rows, 10, seed=100 * r, shapes=shapes) for r in range(2)]
+    assert all(isinstance(b, BucketedInMemoryBatches) for b in ranks)
+    seen = [[], []]
+    for _ in range(300):
+        for r, batches in enumerate(ranks):
+            batch = batches.next(4)
+            assert len(set(batch["bucket"].tolist())) == 1  # never mixed
+            b = int(batch["bucket"][0])
+            assert tuple(batch["x"].shape) == (4, 3, *BUCKETS[b]) and batch["text"].shape[0] == 4
+            seen[r].append(b)
+    assert seen[0] == seen[1]  # ranks agree on every step's bucket
+    share = np.bincount(seen[0], minlength=3) / 300
+    assert np.allclose(share, [2 / 7, 2 / 7, 3 / 7], atol=0.08), share
+    ranks[0].resume_at(10)
+    assert ranks[0].schedule.bucket(ranks[0].draw) == seen[1][10]  # a resumed run continues the sequence
+
+    # the streaming sampler (shard larger than data.in_memory_max_mb) keeps buckets apart as well
+    stream = shard_batches(read_cache(info.uri), cfg.model_copy(update={"data": cfg.data.model_copy(update={"in_memory_max_mb": 0})}),
+                           info.rows, 10, seed=0, shapes=shapes)
+    assert isinstance(stream, BucketedStreamingBatches)
+    for _ in range(6):
+        batch = stream.next(4)
+        assert len(set(batch["bucket"].tolist())) == 1 and tuple(batch["x"].shape[2:]) == tuple(BUCKETS[int(batch["bucket"][0])])
+    stream.close()
+
+    # a short real training run on the bucketed cache (local mode): it trains and checkpoints
+    result = run_training(_cfg(tmp_path, photo_folder, "data.cache_uri=" + str(tmp_path / "cache"), "run.name=buckets",
+                               "objective.name=fm", "train.steps=4", "train.batch_size=4", "train.log_every=2",
+                               "tracking.enabled=false", "eval.at_end=false"))
+    assert result.metrics["step"] == 4 and np.isfinite(result.metrics["loss"])
