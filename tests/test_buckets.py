@@ -148,3 +148,16 @@ def test_photos_land_in_their_buckets_and_batches_never_mix(tmp_path, photo_fold
                                "objective.name=fm", "train.steps=4", "train.batch_size=4", "train.log_every=2",
                                "tracking.enabled=false", "eval.at_end=false"))
     assert result.metrics["step"] == 4 and np.isfinite(result.metrics["loss"])
+
+    # sampling takes a height and width: a bucket's shape, checked against the size step first
+    from apexdistill.cli import main, sample_run
+    from apexdistill.train.export import load_trained_backbone
+
+    model, run_cfg = load_trained_backbone(result.run_dir)
+    images = sample_run(model, run_cfg, ["a photo of coffee"], 2, 1, seed=0, height=16, width=32)
+    assert images.shape == (2, 3, 16, 32) and images.abs().max() <= 1
+    out = tmp_path / "wide.png"
+    assert main(["sample", str(result.run_dir), "--prompt", "a photo of coffee", "--num", "1", "--height", "32", "--width", "16",
+                 "-o", str(out)]) == 0
+    assert out.is_file()
+    assert main(["sample", str(result.run_dir), "--prompt", "x", "--height", "16", "--width", "30", "-o", str(out)]) == 2
