@@ -23,6 +23,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # auth mode is read once per process.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+# The object-storage tests (test_storage.py) talk to a moto S3 server on 127.0.0.1. Ray's workers see
+# the environment Ray started with, so the (dummy) credentials are set here, before any test starts
+# Ray; the server's port is only known later and travels in run.storage_endpoint.
+for _key, _value in (("AWS_ACCESS_KEY_ID", "apexdistill-test"), ("AWS_SECRET_ACCESS_KEY", "apexdistill-test"),
+                     ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _common_overrides(args))
     print(dump_yaml(cfg), flush=True)
     result = run_training(cfg, address=args.address)
-    print(f"[train] checkpoint: {result.checkpoint_dir}")
+    print(f"[train] checkpoint: {result.checkpoint_uri}")
     return 0
 
 

@@ -35,6 +35,25 @@ class RunConfig(_Section):
     seed: int = 0
     shared_storage: bool = Field(False, description="declare run.workdir and a local data.cache_uri shared by every node "
                                  "(for a network filesystem apexdistill does not recognise in /proc/mounts)")
+    storage_uri: str | None = Field(None, description="object storage for the run folder and its checkpoints (s3://bucket/prefix, "
+                                    "gs://..., hdfs://..., or any fsspec URI): <uri>/runs/<name>/ and Ray Train's storage_path "
+                                    "<uri>/ray_results; credentials from the provider's environment (AWS_ACCESS_KEY_ID, "
+                                    "AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL; GOOGLE_APPLICATION_CREDENTIALS), "
+                                    "never from the config. Default: checkpoints under run.workdir")
+    storage_endpoint: str | None = Field(None, description="run.storage_uri on an S3-compatible store (MinIO, Ceph, ...): its "
+                                         "endpoint, http(s)://host:port (default AWS_ENDPOINT_URL, else AWS)")
+
+    @model_validator(mode="after")
+    def _storage(self) -> "RunConfig":
+        if self.storage_uri is not None and "://" not in self.storage_uri:
+            raise ValueError(f"run.storage_uri='{self.storage_uri}' must be a URI such as s3://bucket/prefix or gs://bucket/prefix; "
+                             "for a local or shared folder use run.workdir")
+        if self.storage_endpoint is not None:
+            if not (self.storage_uri or "").startswith("s3://"):
+                raise ValueError("run.storage_endpoint is the endpoint of an S3-compatible store: it needs run.storage_uri=s3://...")
+            if not self.storage_endpoint.startswith(("http://", "https://")):
+                raise ValueError(f"run.storage_endpoint='{self.storage_endpoint}' must start with http:// or https://")
+        return self
 
 
 class DataConfig(_Section):
