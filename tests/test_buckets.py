@@ -161,3 +161,27 @@ def test_photos_land_in_their_buckets_and_batches_never_mix(tmp_path, photo_fold
                  "-o", str(out)]) == 0
     assert out.is_file()
     assert main(["sample", str(result.run_dir), "--prompt", "x", "--height", "16", "--width", "30", "-o", str(out)]) == 2
+
+
+def _weights_on_rank(rank: int, init: str, counts: list[list[int]], out: str) -> None:
+    import torch.distributed as dist
+
+    from apexdistill.train.data import bucket_weights
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(counts))
+    try:
+        Path(out, f"{rank}.json").write_text(json.dumps(bucket_weights(counts[rank])))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(60)
+def test_ranks_agree_on_bucket_weights_and_leave_out_a_bucket_one_rank_lacks(tmp_path):
+    """Two real gloo ranks: rank 1's shard has no row of bucket 1, so both leave it out; the weights
+    are the rows summed over ranks."""
+    import torch.multiprocessing as mp
+
+    counts = [[3, 2, 0, 5], [4, 0, 0, 1]]
+    mp.spawn(_weights_on_rank, args=(f"file://{tmp_path / 'rendezvous'}", counts, str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1] == [[7, 0, 0, 6], [1]]

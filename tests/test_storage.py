@@ -78,6 +78,15 @@ def test_publish_is_atomic_and_a_dead_publish_leaves_the_last_checkpoint(s3, tmp
     publish_remote(storage, 8, _write(8, 8.0), keep=2, rank=0)
     assert storage.step_folders() == [storage.step_path(6), storage.step_path(8)]
 
+    # a bucket that does not exist: refused before Ray or any worker starts, naming the field; nothing written
+    from apexdistill.train.driver import run_training
+
+    bad = build_config({}, [f"run.workdir={tmp_path / 'w'}", "run.storage_uri=s3://no-such-bucket/x", f"run.storage_endpoint={s3}",
+                            "tracking.enabled=false"])
+    with pytest.raises(ValueError, match=r"run.storage_uri='s3://no-such-bucket/x': cannot write .*config.yaml"):
+        run_training(bad)
+    assert not (tmp_path / "w").exists()
+
     with pytest.raises(ConfigError, match="run.storage_uri='bucket/x' must be a URI"):
         build_config({}, ["run.storage_uri=bucket/x"])
     with pytest.raises(ConfigError, match="run.storage_endpoint .* needs run.storage_uri=s3://"):
@@ -139,5 +148,8 @@ def test_train_resume_failure_and_export_through_s3(s3, tmp_path, monkeypatch):
     exported = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     ema = load_file(str(local / "checkpoints" / "step_00000006" / "ema.safetensors"))
     assert all(torch.equal(exported[k], ema["transformer." + k]) for k in exported)
+    png = tmp_path / "from-s3.png"
+    assert main(["sample", storage.run_uri, "--prompt", "a handwritten digit three", "--num", "2", "-o", str(png)]) == 0
+    assert png.is_file()
     print(f"[s3] first fit (3 steps) {first_s:.1f} s, resumed fit (3->6, one failure) {second_s:.1f} s; step_00000003 files: "
           + ", ".join(f"{k} {v} B" for k, v in sorted(sizes.items())))
