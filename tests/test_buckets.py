@@ -1,6 +1,7 @@
 """Aspect-ratio buckets: real photos (scikit-image) of mixed shapes in an imagefolder land in their
-nearest-aspect bucket in the real Ray Data cache; the real batch sampler never mixes buckets and
-gives every rank the same bucket sequence; a short real training run on buckets."""
+nearest-aspect bucket in the real Ray Data cache (pixels and VAE latents); the real batch sampler
+never mixes buckets and gives every rank the same bucket sequence. Training, resuming and sampling
+on these buckets run in test_storage.py."""
 
 from __future__ import annotations
 
@@ -17,45 +18,22 @@ from apexdistill.data.cache import cache_spec
 from apexdistill.data.sources import build_source
 from apexdistill.data.buckets import nearest_bucket, resolve_buckets, sana_buckets
 
-BUCKETS = [[16, 16], [16, 32], [32, 16]]  # (height, width): square, landscape 1:2, portrait 2:1
-# (file, photo, (width, height) it is cut to, expected bucket)
-PHOTOS = [
-    ("astronaut.png", "astronaut", (60, 60), 0),
-    ("coffee_wide.png", "coffee", (96, 48), 1),  # exactly 1:2: scaled by 1/3 to 32x16, no crop
-    ("chelsea_wide.png", "chelsea", (90, 50), 1),  # h/w 0.56: nearer 0.5 than 1
-    ("rocket_near_square.png", "rocket", (80, 62), 0),  # h/w 0.78: nearer 1 than 0.5 in log ratio
-    ("camera_tall.png", "camera", (30, 70), 2),
-    ("cat_tall.jpg", "cat", (40, 80), 2),
-    ("coffee_tall.png", "coffee", (45, 100), 2),
-]
-
-
-def _photo(name: str, size: tuple[int, int]) -> Image.Image:
-    import skimage.data
-
-    arr = getattr(skimage.data, name)()
-    img = Image.fromarray(arr).convert("RGB")
-    w, h = size  # centre region of the photo with that aspect ratio, then resized to it
-    scale = min(img.width / w, img.height / h)
-    cw, ch = int(w * scale), int(h * scale)
-    left, top = (img.width - cw) // 2, (img.height - ch) // 2
-    return img.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BILINEAR)
+BUCKETS = [[16, 16], [16, 32], [32, 16]]  # conftest's bucket_photos: (height, width) square, landscape 1:2, portrait 2:1
 
 
 @pytest.fixture(scope="module")
-def photo_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("photos")
-    rows = []
-    for i, (file, photo, size, _) in enumerate(PHOTOS):
-        _photo(photo, size).save(root / file)
-        rows.append({"file_name": file, "text": f"a photo of {photo}", "label": i})
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+def photo_folder(bucket_photos) -> Path:
+    return bucket_photos.folder
 
 
 def _cfg(workdir, folder, *overrides):
     return build_config({}, [f"run.workdir={workdir}", "data.source=imagefolder", f"data.path={folder}", "data.channels=3",
                              f"data.buckets={json.dumps(BUCKETS)}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def photos(bucket_photos):
+    return bucket_photos.photos
 
 
 # ----------------------------------------------------------------------------- no Ray
@@ -92,21 +70,21 @@ def test_named_sana_set_and_size_checks(tmp_path, photo_folder):
 
 
 @pytest.mark.timeout(240)
-def test_photos_land_in_their_buckets_and_batches_never_mix(tmp_path, photo_folder):
+def test_photos_land_in_their_buckets_and_batches_never_mix(tmp_path, photo_folder, photos, bucket_photos):
     from apexdistill.data.preprocess import load_cache_tensors, prepare_image, read_cache, run_preprocess
     from apexdistill.train.data import BucketedInMemoryBatches, BucketedStreamingBatches, DataShapes, shard_batches
-    from apexdistill.train.driver import ensure_ray, run_training
+    from apexdistill.train.driver import ensure_ray
 
     ensure_ray()
-    cfg = _cfg(tmp_path, photo_folder, "train.batch_size=4", "data.cache_uri=" + str(tmp_path / "cache"))
+    cfg = _cfg(tmp_path, photo_folder, "train.batch_size=4", f"data.cache_uri={bucket_photos.cache}")  # test_storage reuses it
     info = run_preprocess(cfg)
-    assert info.rows == len(PHOTOS) and info.rejected == 0 and "-b3-" in info.key
+    assert info.rows == len(photos) and info.rejected == 0 and "-b3-" in info.key
     assert [b["rows"] for b in info.manifest["buckets"]] == [2, 2, 3]
     assert [b["x_shape"] for b in info.manifest["buckets"]] == [[3, 16, 16], [3, 16, 32], [3, 32, 16]]
 
     cached = load_cache_tensors(info.uri)
     by_file = dict(zip(cached["row_id"], zip(cached["bucket"].tolist(), cached["x"])))
-    for file, photo, size, bucket in PHOTOS:
+    for file, photo, size, bucket in photos:
         got_bucket, x = by_file[file]
         assert got_bucket == bucket, file
         want = prepare_image(Image.open(photo_folder / file), 3, *BUCKETS[bucket])  # resize to cover, centre crop
@@ -114,6 +92,20 @@ def test_photos_land_in_their_buckets_and_batches_never_mix(tmp_path, photo_fold
     # an exactly 1:2 photo is only scaled (96x48 -> 32x16): no pixel of it is cropped away
     exact = np.asarray(Image.open(photo_folder / "coffee_wide.png").resize((32, 16), Image.Resampling.BICUBIC), np.float32) / 127.5 - 1
     assert torch.allclose(by_file["coffee_wide.png"][1], torch.from_numpy(exact.transpose(2, 0, 1)), atol=1e-6)
+
+    # in a VAE's latent space: each bucket's rows encoded at that bucket's shape (one VAE call per shape)
+    from diffusers import AutoencoderKL
+
+    from apexdistill.models.vae import load_vae, tiny_vae_config
+
+    torch.manual_seed(0)
+    AutoencoderKL(**tiny_vae_config(3)).save_pretrained(str(tmp_path / "vae"))
+    latent = run_preprocess(_cfg(tmp_path, photo_folder, f"vae.path={tmp_path / 'vae'}", "data.cache_uri=" + str(tmp_path / "cache")))
+    assert [b["x_shape"] for b in latent.manifest["buckets"]] == [[4, 8, 8], [4, 8, 16], [4, 16, 8]]
+    vae, encoded = load_vae(tmp_path / "vae"), load_cache_tensors(latent.uri)
+    for row_id, bucket, x in zip(encoded["row_id"], encoded["bucket"].tolist(), encoded["x"]):
+        pixels = torch.from_numpy(prepare_image(Image.open(photo_folder / row_id), 3, *BUCKETS[bucket]))[None]
+        torch.testing.assert_close(x[None], vae.encode(pixels), atol=1e-5, rtol=1e-4)
 
     # the real batch sampler: one bucket per batch, the same bucket sequence on two ranks, proportions by rows
     shapes = DataShapes.from_manifest(info.manifest, info.uri)
@@ -142,25 +134,7 @@ def test_photos_land_in_their_buckets_and_batches_never_mix(tmp_path, photo_fold
         batch = stream.next(4)
         assert len(set(batch["bucket"].tolist())) == 1 and tuple(batch["x"].shape[2:]) == tuple(BUCKETS[int(batch["bucket"][0])])
     stream.close()
-
-    # a short real training run on the bucketed cache (local mode): it trains and checkpoints
-    result = run_training(_cfg(tmp_path, photo_folder, "data.cache_uri=" + str(tmp_path / "cache"), "run.name=buckets",
-                               "objective.name=fm", "train.steps=4", "train.batch_size=4", "train.log_every=2",
-                               "tracking.enabled=false", "eval.at_end=false"))
-    assert result.metrics["step"] == 4 and np.isfinite(result.metrics["loss"])
-
-    # sampling takes a height and width: a bucket's shape, checked against the size step first
-    from apexdistill.cli import main, sample_run
-    from apexdistill.train.export import load_trained_backbone
-
-    model, run_cfg = load_trained_backbone(result.run_dir)
-    images = sample_run(model, run_cfg, ["a photo of coffee"], 2, 1, seed=0, height=16, width=32)
-    assert images.shape == (2, 3, 16, 32) and images.abs().max() <= 1
-    out = tmp_path / "wide.png"
-    assert main(["sample", str(result.run_dir), "--prompt", "a photo of coffee", "--num", "1", "--height", "32", "--width", "16",
-                 "-o", str(out)]) == 0
-    assert out.is_file()
-    assert main(["sample", str(result.run_dir), "--prompt", "x", "--height", "16", "--width", "30", "-o", str(out)]) == 2
+    # training and sampling on these buckets: test_storage.py (through S3, resumed and restarted)
 
 
 def _weights_on_rank(rank: int, init: str, counts: list[list[int]], out: str) -> None:

@@ -94,23 +94,24 @@ def test_publish_is_atomic_and_a_dead_publish_leaves_the_last_checkpoint(s3, tmp
 
 
 # two CPUs: fractional workers; fm from a random init, tiny batches
-COMMON = ["data.limit=64", "train.strategy=ddp", "train.num_workers=1", "train.cpus_per_worker=0.45", "train.batch_size=8", "train.log_every=1",
+COMMON = ["train.strategy=ddp", "train.num_workers=1", "train.cpus_per_worker=0.45", "train.batch_size=4", "train.log_every=1",
           "objective.name=fm", "train.lr=1e-3", "tracking.enabled=false", "eval.at_end=false"]
 
 
 @pytest.mark.timeout(300)
-def test_train_resume_failure_and_export_through_s3(s3, tmp_path, monkeypatch):
-    """3 steps on S3, then the same run to 6 with a worker failure injected at step 5 (checkpoint at
-    4): it resumes at 3 from the bucket, restarts from the step-4 checkpoint there, and ends equal
-    (bit for bit) to 6 uninterrupted local steps. Nothing of the checkpoints lands in run.workdir."""
+def test_train_resume_failure_and_export_through_s3(s3, tmp_path, monkeypatch, bucket_photos):
+    """On the aspect-ratio buckets of conftest's photos (every batch one bucket, the bucket sequence
+    seeded): 3 steps on S3, then the same run to 6 with a worker failure injected at step 5
+    (checkpoint at 4). It resumes at 3 from the bucket, restarts from the step-4 checkpoint there,
+    and ends equal (bit for bit) to 6 uninterrupted local steps, so the weights, the RNG streams and
+    the bucket schedule all continue. Nothing of the checkpoints lands in run.workdir."""
     from apexdistill.cli import main
     from apexdistill.train.driver import run_training
 
-    cache = str(tmp_path / "cache")
     remote = [f"run.storage_uri=s3://{BUCKET}/runs-test", f"run.storage_endpoint={s3}"]
 
     def cfg(workdir, *extra):
-        return build_config({}, [f"run.workdir={workdir}", f"data.cache_uri={cache}", "run.name=s3run", *COMMON, *extra])
+        return build_config({}, [f"run.workdir={workdir}", *bucket_photos.overrides, "run.name=s3run", *COMMON, *extra])
 
     started = time.time()
     first = run_training(cfg(tmp_path / "w", *remote, "train.steps=3", "train.checkpoint_every=0"))
@@ -148,8 +149,16 @@ def test_train_resume_failure_and_export_through_s3(s3, tmp_path, monkeypatch):
     exported = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     ema = load_file(str(local / "checkpoints" / "step_00000006" / "ema.safetensors"))
     assert all(torch.equal(exported[k], ema["transformer." + k]) for k in exported)
-    png = tmp_path / "from-s3.png"
-    assert main(["sample", storage.run_uri, "--prompt", "a handwritten digit three", "--num", "2", "-o", str(png)]) == 0
+    # sampling reads it from the bucket too, at a bucket's shape (and refuses one the patching cannot take)
+    from apexdistill.cli import sample_run
+    from apexdistill.train.export import load_trained_backbone
+
+    model, run_cfg = load_trained_backbone(storage.run_uri)
+    images = sample_run(model, run_cfg, ["a photo of coffee"], 2, 1, seed=0, height=16, width=32)
+    assert images.shape == (2, 3, 16, 32) and images.abs().max() <= 1
+    png = tmp_path / "tall.png"
+    assert main(["sample", storage.run_uri, "--prompt", "a photo of cat", "--num", "1", "--height", "32", "--width", "16", "-o", str(png)]) == 0
     assert png.is_file()
+    assert main(["sample", storage.run_uri, "--prompt", "x", "--height", "16", "--width", "30", "-o", str(png)]) == 2
     print(f"[s3] first fit (3 steps) {first_s:.1f} s, resumed fit (3->6, one failure) {second_s:.1f} s; step_00000003 files: "
           + ", ".join(f"{k} {v} B" for k, v in sorted(sizes.items())))
