@@ -78,7 +78,7 @@ def grid_sweep(sweep_workdir, tmp_path_factory):
     return cfg, rows, parent
 
 
-# Aspect-ratio buckets (test_buckets.py, test_storage.py): real photos cut to mixed shapes. Each entry:
+# Aspect-ratio buckets (test_preprocess_buckets.py, test_storage.py): real photos cut to mixed shapes. Each entry:
 # (file, scikit-image photo, (width, height) it is cut to, the bucket of BUCKET_SHAPES it belongs in)
 BUCKET_SHAPES = [[16, 16], [16, 32], [32, 16]]  # (height, width): square, landscape 1:2, portrait 2:1
 BUCKET_PHOTOS = [

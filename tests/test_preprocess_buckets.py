@@ -1,7 +1,8 @@
 """Aspect-ratio buckets: real photos (scikit-image) of mixed shapes in an imagefolder land in their
 nearest-aspect bucket in the real Ray Data cache (pixels and VAE latents); the real batch sampler
 never mixes buckets and gives every rank the same bucket sequence. Training, resuming and sampling
-on these buckets run in test_storage.py."""
+on these buckets run in test_storage.py. (Named to sort after test_cluster.py: that file's CLI test
+needs a process where Ray has not started yet.)"""
 
 from __future__ import annotations
 
