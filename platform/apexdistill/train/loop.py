@@ -477,7 +477,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         write = lambda tmp: write_checkpoint(tmp, strategy, batches, state, final)  # noqa: E731
         if storage is not None:  # published on object storage; Ray keeps a pointer to it
             uri = publish_remote(storage, step, write, keep=cfg.train.num_to_keep, rank=rank)
-            return ray.train.Checkpoint.from_directory(str(write_pointer(uri, step))) if rank == 0 else None
+            return ray.train.Checkpoint.from_directory(str(write_pointer(run_dir, uri, step))) if rank == 0 else None
         folder = publish_checkpoint(run_dir, step, write, keep=cfg.train.num_to_keep, rank=rank)
         return ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None
 

@@ -253,10 +253,15 @@ def publish_remote(storage: RunStorage, step: int, write: Callable[[Path], None]
     return storage.to_uri(folder)
 
 
-def write_pointer(uri: str, step: int) -> Path:
-    """A tiny local folder for ``ray.train.report``: which published checkpoint this report is."""
-    folder = Path(tempfile.mkdtemp(prefix="apexdistill-pointer-"))
+def write_pointer(run_dir: Path, uri: str, step: int) -> Path:
+    """A tiny local folder for ``ray.train.report`` (``<run_dir>/.pointers/step_N``): which published
+    checkpoint this report is. Ray copies it to its storage; the two newest stay here."""
+    root = run_dir / ".pointers"
+    folder = root / f"step_{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / POINTER).write_text(json.dumps({"uri": uri, "step": step}))
+    for old in sorted(p for p in root.iterdir() if p.is_dir())[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
