@@ -23,6 +23,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # auth mode is read once per process.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+# The object-storage tests (test_storage.py) talk to a moto S3 server on 127.0.0.1. Ray's workers see
+# the environment Ray started with, so the (dummy) credentials are set here, before any test starts
+# Ray; the server's port is only known later and travels in run.storage_endpoint.
+for _key, _value in (("AWS_ACCESS_KEY_ID", "apexdistill-test"), ("AWS_SECRET_ACCESS_KEY", "apexdistill-test"),
+                     ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +76,43 @@ def grid_sweep(sweep_workdir, tmp_path_factory):
     rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
     parent = json.loads((Path(sweep_workdir).resolve() / "sweeps" / "grid" / "parent_run.json").read_text())["run_id"]
     return cfg, rows, parent
+
+
+# Aspect-ratio buckets (test_preprocess_buckets.py, test_storage.py): real photos cut to mixed shapes. Each entry:
+# (file, scikit-image photo, (width, height) it is cut to, the bucket of BUCKET_SHAPES it belongs in)
+BUCKET_SHAPES = [[16, 16], [16, 32], [32, 16]]  # (height, width): square, landscape 1:2, portrait 2:1
+BUCKET_PHOTOS = [
+    ("astronaut.png", "astronaut", (60, 60), 0),
+    ("coffee_wide.png", "coffee", (96, 48), 1),  # exactly 1:2: scaled by 1/3 to 32x16, no crop
+    ("chelsea_wide.png", "chelsea", (90, 50), 1),  # h/w 0.56: nearer 0.5 than 1
+    ("rocket_near_square.png", "rocket", (80, 62), 0),  # h/w 0.78: nearer 1 than 0.5 in log ratio
+    ("camera_tall.png", "camera", (30, 70), 2),
+    ("cat_tall.jpg", "cat", (40, 80), 2),
+    ("coffee_tall.png", "coffee", (45, 100), 2),
+]
+
+
+@pytest.fixture(scope="session")
+def bucket_photos(tmp_path_factory):
+    """An imagefolder of the photos above (metadata.jsonl) and one cache folder for the session:
+    SimpleNamespace(folder, photos, buckets, cache, overrides)."""
+    import json
+    from types import SimpleNamespace
+
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    rows = []
+    for i, (file, photo, (w, h), _) in enumerate(BUCKET_PHOTOS):
+        img = Image.fromarray(getattr(skimage.data, photo)()).convert("RGB")
+        scale = min(img.width / w, img.height / h)  # the photo's centre region of that aspect ratio, resized to it
+        cw, ch = int(w * scale), int(h * scale)
+        left, top = (img.width - cw) // 2, (img.height - ch) // 2
+        img.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BILINEAR).save(root / file)
+        rows.append({"file_name": file, "text": f"a photo of {photo}", "label": i})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = tmp_path_factory.mktemp("photo-cache")
+    overrides = ["data.source=imagefolder", f"data.path={root}", "data.channels=3", f"data.buckets={json.dumps(BUCKET_SHAPES)}",
+                 f"data.cache_uri={cache}"]
+    return SimpleNamespace(folder=root, photos=BUCKET_PHOTOS, buckets=BUCKET_SHAPES, cache=cache, overrides=overrides)

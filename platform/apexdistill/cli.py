@@ -31,7 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _common_overrides(args))
     print(dump_yaml(cfg), flush=True)
     result = run_training(cfg, address=args.address)
-    print(f"[train] checkpoint: {result.checkpoint_dir}")
+    print(f"[train] checkpoint: {result.checkpoint_uri}")
     return 0
 
 
@@ -90,6 +90,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model, cfg = _load_model_arg(args.run, use_ema=not args.raw)
     if cfg.text_encoder.kind == "pipeline":
         return _evaluate_pipeline_run(args, model, cfg)
+    if {args.height or cfg.data.resolution, args.width or cfg.data.resolution} != {cfg.data.resolution}:
+        raise ValueError(f"--height/--width: the digit classifier scores {cfg.data.resolution}x{cfg.data.resolution} images only; "
+                         "use `apexdistill sample --height --width` to look at other sizes")
     if cfg.data.source != "digits" or cfg.vae.path:
         raise ValueError(f"'{args.run}': evaluate scores prompt accuracy and the FD proxy with the built-in digit classifier, "
                          "so it needs a run on the built-in digits in pixel space; use `apexdistill sample` to look at this run")
@@ -116,7 +119,9 @@ def _evaluate_pipeline_run(args: argparse.Namespace, model, cfg) -> int:
     if not prompts:
         raise ValueError("no prompts: pass --prompt (the run's cache has no captions)")
     out = Path(args.output) if args.output else run_folder / "eval" / "samples.png"
-    rows = evaluate_pipeline_run(model, cfg, prompts, list(args.nfe), out, seed=args.seed, device=args.device or default_device())
+    height, width = image_size(cfg, args.height, args.width)
+    rows = evaluate_pipeline_run(model, cfg, prompts, list(args.nfe), out, seed=args.seed, device=args.device or default_device(),
+                                 height=height, width=width)
     print(format_pipeline_table(rows))
     print(f"[evaluate] grid (rows: teacher at {cfg.eval.teacher_nfe} NFE with guidance {cfg.teacher.guidance_scale:g}, "
           f"then the student at {', '.join(map(str, args.nfe))} NFE): {out}")
@@ -127,9 +132,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from apexdistill.eval.grid import save_grid
 
     model, cfg = _load_model_arg(args.run, use_ema=not args.raw)
-    images = sample_run(model, cfg, list(args.prompt), args.num, args.nfe, args.seed, device=args.device or default_device())
+    images = sample_run(model, cfg, list(args.prompt), args.num, args.nfe, args.seed, device=args.device or default_device(),
+                        height=args.height, width=args.width)
     save_grid(images, args.output, nrow=args.num)
-    print(f"[sample] {images.shape[0]} image(s) at {args.nfe} NFE -> {args.output}")
+    print(f"[sample] {images.shape[0]} image(s) of {images.shape[-2]}x{images.shape[-1]} at {args.nfe} NFE -> {args.output}")
     return 0
 
 
@@ -139,11 +145,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def sample_run(model, cfg, prompts: list[str], num: int, nfe: int, seed: int, latents: bool = False, device: str = "cpu"):
+def image_size(cfg, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) to sample at: default ``data.resolution`` squared; either side must be a
+    multiple of the VAE factor x the patch size, checked before any model runs."""
+    from apexdistill.data.buckets import size_step
+
+    h, w = height or cfg.data.resolution, width or cfg.data.resolution
+    step, why = size_step(cfg)
+    if h % step or w % step or h < 1 or w < 1:
+        raise ValueError(f"--height {h} --width {w}: both must be positive multiples of {step} ({why})")
+    return h, w
+
+
+def sample_run(model, cfg, prompts: list[str], num: int, nfe: int, seed: int, latents: bool = False, device: str = "cpu",
+               height: int | None = None, width: int | None = None):
     """Images (or, with ``latents``, the sampled latents) of a trained run for ``prompts``, ``num``
-    each, from noise seeded by ``seed`` (drawn on the CPU, as diffusers does with a CPU generator).
-    Pipeline runs sample exactly as the exported stock pipeline does (the student scheduler, the
-    family's layout and random draws) and decode through the VAE. Returned on the CPU."""
+    each, from noise seeded by ``seed`` (drawn on the CPU, as diffusers does with a CPU generator),
+    at ``height`` x ``width`` pixels (default the ``data.resolution`` square). Pipeline runs sample
+    exactly as the exported stock pipeline does (the student scheduler, the family's layout and
+    random draws) and decode through the VAE. Returned on the CPU."""
     import torch
 
     from apexdistill.method.sampler import sample_few_step
@@ -154,7 +174,7 @@ def sample_run(model, cfg, prompts: list[str], num: int, nfe: int, seed: int, la
     text, mask = build_text_encoder(cfg.text_encoder).to(device).encode(prompts)
     text, mask = text.repeat_interleave(num, 0).to(device), mask.repeat_interleave(num, 0).to(device)
     vae = build_vae(cfg.vae, cfg.data.image_channels).to(device)
-    c, h, w = vae.latent_shape(cfg.data.resolution)
+    c, h, w = vae.latent_shape(*image_size(cfg, height, width))
     z = torch.randn((len(prompts) * num, c, h, w), generator=torch.Generator().manual_seed(seed)).to(device)
     g = torch.Generator(device=device).manual_seed(seed)
     model = model.to(device)
@@ -273,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="pipeline runs: noise seed of the grid")
     e.add_argument("--device", default=None, help="pipeline runs: cpu or cuda (default: cuda when available)")
     e.add_argument("-o", "--output", default=None, help="pipeline runs: the grid PNG (default <run>/eval/samples.png)")
+    e.add_argument("--height", type=int, default=None, help="pipeline runs: image height in pixels (default data.resolution)")
+    e.add_argument("--width", type=int, default=None, help="pipeline runs: image width in pixels (default data.resolution)")
     e.set_defaults(fn=_cmd_evaluate)
 
     s = sub.add_parser("sample", help="write a PNG grid of samples for prompts")
@@ -283,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--raw", action="store_true")
+    s.add_argument("--height", type=int, default=None, help="image height in pixels (default data.resolution; e.g. a data.buckets shape)")
+    s.add_argument("--width", type=int, default=None, help="image width in pixels (default data.resolution)")
     s.add_argument("-o", "--output", default="samples.png")
     s.set_defaults(fn=_cmd_sample)
 

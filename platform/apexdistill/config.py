@@ -35,6 +35,25 @@ class RunConfig(_Section):
     seed: int = 0
     shared_storage: bool = Field(False, description="declare run.workdir and a local data.cache_uri shared by every node "
                                  "(for a network filesystem apexdistill does not recognise in /proc/mounts)")
+    storage_uri: str | None = Field(None, description="object storage for the run folder and its checkpoints (s3://bucket/prefix, "
+                                    "gs://..., hdfs://..., or any fsspec URI): <uri>/runs/<name>/ and Ray Train's storage_path "
+                                    "<uri>/ray_results; credentials from the provider's environment (AWS_ACCESS_KEY_ID, "
+                                    "AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL; GOOGLE_APPLICATION_CREDENTIALS), "
+                                    "never from the config. Default: checkpoints under run.workdir")
+    storage_endpoint: str | None = Field(None, description="run.storage_uri on an S3-compatible store (MinIO, Ceph, ...): its "
+                                         "endpoint, http(s)://host:port (default AWS_ENDPOINT_URL, else AWS)")
+
+    @model_validator(mode="after")
+    def _storage(self) -> "RunConfig":
+        if self.storage_uri is not None and "://" not in self.storage_uri:
+            raise ValueError(f"run.storage_uri='{self.storage_uri}' must be a URI such as s3://bucket/prefix or gs://bucket/prefix; "
+                             "for a local or shared folder use run.workdir")
+        if self.storage_endpoint is not None:
+            if not (self.storage_uri or "").startswith("s3://"):
+                raise ValueError("run.storage_endpoint is the endpoint of an S3-compatible store: it needs run.storage_uri=s3://...")
+            if not self.storage_endpoint.startswith(("http://", "https://")):
+                raise ValueError(f"run.storage_endpoint='{self.storage_endpoint}' must start with http:// or https://")
+        return self
 
 
 class DataConfig(_Section):
@@ -42,7 +61,13 @@ class DataConfig(_Section):
         "digits", description="digits (built-in), imagefolder (images + metadata.jsonl/.csv), parquet (image bytes + captions)"
     )
     path: str | None = Field(None, description="local folder/file or fsspec URI of an imagefolder or parquet source")
-    resolution: int = Field(16, ge=8, le=1024, description="square side length in pixels")
+    resolution: int = Field(16, ge=8, le=1024, description="square side length in pixels (without data.buckets); with "
+                            "data.buckets='sana' the side of the square bin the others are scaled from")
+    buckets: list[tuple[int, int]] | Literal["sana"] | None = Field(
+        None, description="aspect-ratio buckets: a list of [height, width] in pixels, or 'sana' (Sana's / PixArt's bins, "
+        "scaled to data.resolution); each image is resized and centre-cropped to its nearest-aspect bucket and every "
+        "training batch comes from one bucket; sides must be multiples of the VAE factor x patch size. Default: none "
+        "(every image a data.resolution square)")
     channels: Literal[1, 3] | None = Field(None, description="1 = grayscale, 3 = RGB; default 1 for digits, 3 otherwise")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
@@ -71,6 +96,16 @@ class DataConfig(_Section):
             raise ValueError(f"data.path is required when data.source='{self.source}' (a local folder or an fsspec URI)")
         if self.source == "digits" and self.path:
             raise ValueError("data.path is only used by data.source='imagefolder' or 'parquet'; the built-in digits need none")
+        if self.buckets is not None and self.source == "digits":
+            raise ValueError("data.buckets is for data.source='imagefolder' or 'parquet': the built-in digits are all square")
+        if isinstance(self.buckets, list):
+            if not self.buckets:
+                raise ValueError("data.buckets is an empty list: give [height, width] pairs, 'sana', or leave it unset")
+            for i, (h, w) in enumerate(self.buckets):
+                if h < 1 or w < 1:
+                    raise ValueError(f"data.buckets[{i}] = [{h}, {w}]: height and width must be positive")
+                if (h, w) in self.buckets[:i]:
+                    raise ValueError(f"data.buckets[{i}] = [{h}, {w}] is listed twice")
         return self
 
     @property
@@ -514,9 +549,17 @@ def resolve_defaults(cfg: "Config", source: str = "<config>") -> "Config":
     for key, value in updates.items():
         _set_dotted(tree, key, value)
     try:
-        return Config.model_validate(tree)
+        resolved = Config.model_validate(tree)
     except ValidationError as err:  # a combination the filled-in defaults make invalid (e.g. guidance without LoRA/EMA)
         raise ConfigError(_format_errors(err, f"{source} (with the defaults of model.path's pipeline)")) from None
+    if resolved.data.buckets is not None:  # sizes the VAE and the patching allow, checked before any work
+        from apexdistill.data.buckets import resolve_buckets
+
+        try:
+            resolve_buckets(resolved)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"invalid config ({source}): {exc}") from None
+    return resolved
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -10,7 +10,8 @@ Layout under a cache URI (local folder or fsspec URI)::
     CACHE_URI/failed-<key>/rejects.parquet   rejects of the last build that failed the reject threshold
 
 The key hashes the source fingerprint, the text encoder (identity, max length, weight files), the VAE
-(identity, weight files) or pixel space, resolution, channels and ``PREPROCESS_VERSION``. Identities
+(identity, weight files) or pixel space, resolution, channels, the aspect-ratio buckets (when
+``data.buckets`` is set; caches without buckets keep their keys) and ``PREPROCESS_VERSION``. Identities
 are read from the model folders' config.json, so a cache hit loads no model at all.
 """
 
@@ -96,7 +97,7 @@ def vae_identity(cfg: Config) -> dict[str, Any]:
     """The VAE (or pixel space) part of the key plus the cached ``x`` shape; validated up front."""
     channels, res = cfg.data.image_channels, cfg.data.resolution
     if not cfg.vae.path:
-        return {"identity": f"pixels:c{channels}", "path": None, "x_shape": [channels, res, res]}
+        return {"identity": f"pixels:c{channels}", "path": None, "x_shape": [channels, res, res], "downsample": 1}
     from apexdistill.models.vae import read_vae_config
 
     folder, conf, cls = read_vae_config(cfg.vae.path)
@@ -106,7 +107,7 @@ def vae_identity(cfg: Config) -> dict[str, Any]:
     if res % down:
         raise ValueError(f"data.resolution={res} is not divisible by the VAE's downsampling factor {down}")
     return {"identity": cls.config_identity(folder.name, conf), "path": str(folder),
-            "x_shape": [latent, res // down, res // down], "weights": _folder_digest(folder)}
+            "x_shape": [latent, res // down, res // down], "weights": _folder_digest(folder), "downsample": down}
 
 
 # ----------------------------------------------------------------------------- key
@@ -120,6 +121,13 @@ class CacheSpec:
     material: dict[str, Any]
     text: dict[str, Any]
     vae: dict[str, Any]
+    buckets: list[tuple[int, int]] | None = None  # (height, width) in pixels; None: the square data.resolution
+
+    @property
+    def bucket_x_shapes(self) -> list[list[int]]:
+        """The cached ``x`` shape of each bucket (latent or pixel)."""
+        c, down = self.vae["x_shape"][0], self.vae.get("downsample", 1)
+        return [[c, h // down, w // down] for h, w in self.buckets or []]
 
     @property
     def x_shape(self) -> list[int]:
@@ -131,7 +139,10 @@ class CacheSpec:
 
 
 def cache_spec(cfg: Config, source: Source) -> CacheSpec:
+    from apexdistill.data.buckets import resolve_buckets
+
     text, vae = text_encoder_identity(cfg), vae_identity(cfg)
+    buckets = resolve_buckets(cfg)
     material = {
         "preprocess_version": PREPROCESS_VERSION,
         "source": source.fingerprint(),
@@ -142,9 +153,12 @@ def cache_spec(cfg: Config, source: Source) -> CacheSpec:
         "resolution": cfg.data.resolution,
         "channels": cfg.data.image_channels,
     }
+    if buckets is not None:  # only then: caches built without buckets keep their keys
+        material["buckets"] = [list(b) for b in buckets]
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    key = f"{source.kind}-r{cfg.data.resolution}-c{cfg.data.image_channels}-{digest}"
-    return CacheSpec(key, material, text, vae)
+    shape = f"r{cfg.data.resolution}" + (f"-b{len(buckets)}" if buckets is not None else "")
+    key = f"{source.kind}-{shape}-c{cfg.data.image_channels}-{digest}"
+    return CacheSpec(key, material, text, vae, buckets)
 
 
 # ----------------------------------------------------------------------------- store

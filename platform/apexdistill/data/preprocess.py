@@ -11,7 +11,9 @@ Rows that cannot be used are never fatal on their own: they are recorded with a 
 fails (publishing nothing) only when their share exceeds ``data.max_reject_fraction``.
 
 Cached row schema: ``x`` (C, H, W) float32 (pixels in [-1, 1] or VAE latents), ``text`` (L, D)
-float32, ``text_mask`` (L,) int64, ``caption`` str, ``label`` int64 (-1 when unknown), ``row_id`` str.
+float32, ``text_mask`` (L,) int64, ``caption`` str, ``label`` int64 (-1 when unknown), ``row_id`` str;
+with ``data.buckets`` also ``bucket`` int64 (an index into the manifest's ``buckets``), and ``x`` is
+then a variable-shaped tensor column (each row its bucket's shape, ``data/buckets.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 import ray
 
 from apexdistill.config import Config
+from apexdistill.data.buckets import bucket_table, nearest_bucket
 from apexdistill.data.cache import DATA, NEGATIVE, REJECTS, CacheSpec, CacheStore, build_manifest, cache_spec, default_cache_uri, read_complete_manifest
 from apexdistill.data.sources import SourcePlan, arrow_fs, build_source, open_fs, read_parquet_fragment, reject, worker_visible
 
@@ -99,10 +102,11 @@ def _flatten_alpha(img: Any) -> Any:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def prepare_image(img: Any, channels: int, resolution: int) -> np.ndarray:
-    """PIL image -> (C, R, R) float32 in [-1, 1]: mode conversion (grayscale 'L' for 1 channel, RGB
-    for 3; alpha over white; 16-bit kept at full precision), shorter side resized to R (bicubic,
-    antialiased), centre crop."""
+def prepare_image(img: Any, channels: int, resolution: int, width: int | None = None) -> np.ndarray:
+    """PIL image -> (C, R, R) float32 in [-1, 1] (or (C, resolution, width) for a bucket): mode
+    conversion (grayscale 'L' for 1 channel, RGB for 3; alpha over white; 16-bit kept at full
+    precision), resized so it covers the target (bicubic, antialiased; for a square, the shorter side
+    to R), centre crop."""
     from PIL import Image
 
     mode = img.mode
@@ -120,12 +124,13 @@ def prepare_image(img: Any, channels: int, resolution: int) -> np.ndarray:
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageProblem("undecodable", f"empty image ({w}x{h})")
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    out_h, out_w = resolution, width or resolution
+    scale = max(out_h / h, out_w / w)
+    size = (max(out_w, round(w * scale)), max(out_h, round(h * scale)))
     if size != (w, h):
         img = img.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    left, top = (size[0] - out_w) // 2, (size[1] - out_h) // 2
+    img = img.crop((left, top, left + out_w, top + out_h))
 
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -205,21 +210,42 @@ def _announce_encoder(kind: str, stats: Any) -> None:
 # ----------------------------------------------------------------------------- stages
 
 
+def _stack_x(arrays: list[np.ndarray]) -> np.ndarray:
+    """One (B, C, H, W) array, or, when the rows are buckets of different shapes, an object array of
+    (C, h, w) arrays (Ray Data stores it as a variable-shaped tensor column)."""
+    if len({a.shape for a in arrays}) == 1:
+        return np.stack(arrays).astype(np.float32)
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a.astype(np.float32)
+    return out
+
+
 def _batches(rows: dict[str, list], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Decoded rows -> numpy batches (nothing yielded for an empty list: an empty tensor column
-    would not convert to Arrow)."""
+    would not convert to Arrow). With buckets, each batch holds the rows of one bucket."""
     n = len(rows["row_id"])
-    for i in range(0, n, batch_size):
-        yield {
-            "x": np.stack(rows["x"][i : i + batch_size]).astype(np.float32),
-            "caption": np.array(rows["caption"][i : i + batch_size], dtype=object),
-            "label": np.array(rows["label"][i : i + batch_size], dtype=np.int64),
-            "row_id": np.array(rows["row_id"][i : i + batch_size], dtype=object),
-        }
+    if "bucket" in rows:
+        groups = [(b, [i for i in range(n) if rows["bucket"][i] == b]) for b in sorted(set(rows["bucket"]))]
+    else:
+        groups = [(None, list(range(n)))]
+    for bucket, idx in groups:
+        for start in range(0, len(idx), batch_size):
+            part = idx[start : start + batch_size]
+            batch = {
+                "x": _stack_x([rows["x"][i] for i in part]),
+                "caption": np.array([rows["caption"][i] for i in part], dtype=object),
+                "label": np.array([rows["label"][i] for i in part], dtype=np.int64),
+                "row_id": np.array([rows["row_id"][i] for i in part], dtype=object),
+            }
+            if bucket is not None:
+                batch["bucket"] = np.full(len(part), bucket, dtype=np.int64)
+            yield batch
 
 
-def _decode_rows(items: list[dict[str, Any]], fs: Any, channels: int, resolution: int, stats: Any) -> dict[str, list]:
-    out: dict[str, list] = {"x": [], "caption": [], "label": [], "row_id": []}
+def _decode_rows(items: list[dict[str, Any]], fs: Any, channels: int, resolution: int, stats: Any,
+                 buckets: list[tuple[int, int]] | None = None) -> dict[str, list]:
+    out: dict[str, list] = {"x": [], "caption": [], "label": [], "row_id": [], **({"bucket": []} if buckets else {})}
     rejected = []
     for item in items:
         try:
@@ -233,7 +259,13 @@ def _decode_rows(items: list[dict[str, Any]], fs: Any, channels: int, resolution
                     raise ImageProblem("missing_file", f"'{item['file']}' does not exist") from None
                 except OSError as exc:
                     raise ImageProblem("unreadable", f"cannot read '{item['file']}': {exc}") from None
-            x = decode_image_bytes(data, channels, resolution)
+            if buckets:
+                img = load_image(data)
+                bucket = nearest_bucket(img.size[0], img.size[1], buckets)
+                x = prepare_image(img, channels, *buckets[bucket])
+                out["bucket"].append(bucket)
+            else:
+                x = decode_image_bytes(data, channels, resolution)
         except ImageProblem as problem:
             rejected.append(reject(str(item["row_id"]), str(item.get("file") or ""), (problem.reason, str(problem))))
             continue
@@ -252,17 +284,18 @@ def _rows_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return [{k: batch[k][i] for k in keys} for i in range(n)]
 
 
-def decode_files(batch: dict[str, np.ndarray], *, fs: Any, channels: int, resolution: int, stats: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    yield from _batches(_decode_rows(_rows_of(batch), fs, channels, resolution, stats), batch_size)
+def decode_files(batch: dict[str, np.ndarray], *, fs: Any, channels: int, resolution: int, stats: Any, batch_size: int,
+                 buckets: list[tuple[int, int]] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    yield from _batches(_decode_rows(_rows_of(batch), fs, channels, resolution, stats, buckets), batch_size)
 
 
 def decode_parquet_fragments(batch: dict[str, np.ndarray], *, fs: Any, base: str, data_cfg: Any, channels: int, resolution: int, stats: Any,
-                             batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+                             batch_size: int, buckets: list[tuple[int, int]] | None = None) -> Iterator[dict[str, np.ndarray]]:
     for frag in _rows_of(batch):
         frag = {**frag, "columns": list(frag["columns"])}
         rows = read_parquet_fragment(fs, base, frag, data_cfg)
         for i in range(0, len(rows), batch_size):
-            yield from _batches(_decode_rows(rows[i : i + batch_size], fs, channels, resolution, stats), batch_size)
+            yield from _batches(_decode_rows(rows[i : i + batch_size], fs, channels, resolution, stats, buckets), batch_size)
 
 
 def decode_digits(batch: dict[str, np.ndarray], *, channels: int, resolution: int) -> dict[str, np.ndarray]:
@@ -311,7 +344,10 @@ class TextEncodeStage:
         if truncated.any():
             ray.get(self.stats.add_truncated.remote([str(r) for r in batch["row_id"][truncated]]))
         self.stats.add_encoded.remote(len(batch["caption"]))
-        return {"x": batch["x"], "text": states, "text_mask": mask, "caption": batch["caption"], "label": batch["label"], "row_id": batch["row_id"]}
+        out = {"x": batch["x"], "text": states, "text_mask": mask, "caption": batch["caption"], "label": batch["label"], "row_id": batch["row_id"]}
+        if "bucket" in batch:
+            out["bucket"] = batch["bucket"]
+        return out
 
 
 class VaeEncodeStage:
@@ -331,8 +367,17 @@ class VaeEncodeStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        latents = self.vae.encode(torch.from_numpy(np.array(batch["x"], dtype=np.float32)).to(self.device)).float().cpu().numpy()
-        return {**batch, "x": latents}
+        x = batch["x"]
+        if x.dtype != object:  # one shape: the whole batch at once
+            latents = self.vae.encode(torch.from_numpy(np.array(x, dtype=np.float32)).to(self.device)).float().cpu().numpy()
+            return {**batch, "x": latents}
+        out = [None] * len(x)  # buckets of different shapes: one VAE call per shape
+        for shape in {a.shape for a in x}:
+            idx = [i for i, a in enumerate(x) if a.shape == shape]
+            encoded = self.vae.encode(torch.from_numpy(np.stack([x[i] for i in idx]).astype(np.float32)).to(self.device)).float().cpu().numpy()
+            for i, e in zip(idx, encoded):
+                out[i] = e
+        return {**batch, "x": _stack_x(out)}
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -368,10 +413,11 @@ def build_dataset(cfg: Config, spec: CacheSpec, plan: SourcePlan, stats: Any, ba
     if plan.kind == "digits":
         ds = ds.map_batches(decode_digits, batch_size=d.batch_size, fn_kwargs=dict(channels=channels, resolution=res), **common)
     elif plan.kind == "files":
-        kw = dict(fs=plan.fs, channels=channels, resolution=res, stats=stats, batch_size=d.batch_size)
+        kw = dict(fs=plan.fs, channels=channels, resolution=res, stats=stats, batch_size=d.batch_size, buckets=spec.buckets)
         ds = ds.map_batches(decode_files, batch_size=d.batch_size, fn_kwargs=kw, **common)
     else:
-        kw = dict(fs=plan.fs, base=base, data_cfg=d, channels=channels, resolution=res, stats=stats, batch_size=d.batch_size)
+        kw = dict(fs=plan.fs, base=base, data_cfg=d, channels=channels, resolution=res, stats=stats, batch_size=d.batch_size,
+                  buckets=spec.buckets)
         ds = ds.map_batches(decode_parquet_fragments, batch_size=1, fn_kwargs=kw, **common)
 
     device = "cuda" if d.text_actor_gpus > 0 else "cpu"
@@ -444,11 +490,24 @@ def _data_files(fs: Any, folder: str) -> tuple[list[dict[str, Any]], dict[str, A
     return files, columns
 
 
+def _bucket_rows(fs: Any, folder: str, files: list[dict[str, Any]], n: int) -> list[int]:
+    """Rows per bucket, from the written files' ``bucket`` column alone."""
+    import pyarrow.parquet as pq
+
+    counts = np.zeros(n, dtype=np.int64)
+    for f in files:
+        with fs.open(posixpath.join(folder, f["path"]), "rb") as fh:
+            counts += np.bincount(pq.read_table(fh, columns=["bucket"]).column("bucket").to_numpy(), minlength=n)[:n]
+    return counts.tolist()
+
+
 def _column_info(schema: Any) -> dict[str, Any]:
     out = {}
     for fld in schema:
         typ = fld.type
-        if hasattr(typ, "shape") and hasattr(typ, "storage_type"):  # Ray's fixed-shape tensor column
+        if getattr(typ, "extension_name", "").endswith("variable_shaped_tensor"):  # Ray's ragged tensor column (buckets)
+            out[fld.name] = {"dtype": "float32", "shape": None}
+        elif hasattr(typ, "shape") and hasattr(typ, "storage_type"):  # Ray's fixed-shape tensor column
             out[fld.name] = {"dtype": np.dtype(typ.storage_type.value_type.to_pandas_dtype()).name, "shape": list(typ.shape)}
         else:
             out[fld.name] = {"dtype": "str" if str(typ) in ("string", "large_string") else str(typ), "shape": []}
@@ -567,8 +626,15 @@ def run_preprocess(cfg: Config, force: bool = False, *, on_written: Callable[[st
         if reasons:
             print("[preprocess] rejects by reason: " + ", ".join(f"{k} {v}" for k, v in reasons.items()), flush=True)
         _check_rejects(cfg, store, spec, rejects, total, rows_left=rows)
-        if columns.get("x", {}).get("shape") != spec.x_shape or columns.get("text", {}).get("shape") != spec.text_shape:
-            raise RuntimeError(f"written columns {columns} do not match the expected x {spec.x_shape} / text {spec.text_shape}")
+        bucket_rows = None
+        if spec.buckets is not None:
+            bucket_rows = _bucket_rows(store.fs, tmp, files, len(spec.buckets))
+            columns["x"] = {"dtype": "float32", "shape": None}  # per bucket: the manifest's buckets[i].x_shape
+            print("[preprocess] rows per bucket: " + ", ".join(f"{h}x{w} {n}" for (h, w), n in zip(spec.buckets, bucket_rows)), flush=True)
+        elif columns.get("x", {}).get("shape") != spec.x_shape:
+            raise RuntimeError(f"written columns {columns} do not match the expected x {spec.x_shape}")
+        if columns.get("text", {}).get("shape") != spec.text_shape:
+            raise RuntimeError(f"written columns {columns} do not match the expected text {spec.text_shape}")
 
         _write_rejects(store.fs, posixpath.join(tmp, REJECTS), rejects)
         _write_negative(store.fs, posixpath.join(tmp, NEGATIVE), ray.get(stats.get_negative.remote()), spec)
@@ -578,9 +644,11 @@ def run_preprocess(cfg: Config, force: bool = False, *, on_written: Callable[[st
         manifest = build_manifest(
             spec, source=str(d.path or "builtin:digits"), rows=rows, rejected=len(rejects), truncated=summary["truncated"], files=files,
             columns=columns, reject_reasons=reasons, seconds=time.time() - started,
-            settings={"resolution": d.resolution, "channels": d.image_channels, "source": d.source, "limit": d.limit,
+            settings={"resolution": d.resolution, "buckets": d.buckets, "channels": d.image_channels, "source": d.source, "limit": d.limit,
                       "max_reject_fraction": d.max_reject_fraction, "text_actors": d.text_actors, "vae_actors": d.vae_actors if cfg.vae.path else 0},
         )
+        if spec.buckets is not None:
+            manifest["buckets"] = bucket_table(spec.buckets, spec.bucket_x_shapes, bucket_rows)
         store.publish(tmp, spec.key, manifest)
     except BaseException:
         store.discard(tmp)
@@ -614,6 +682,8 @@ def read_cache(uri: str, columns: Sequence[str] | None = TRAIN_COLUMNS, in_drive
     fs, folder, manifest = _open_cache(uri)
     paths = [posixpath.join(folder, f["path"]) for f in manifest["files"]]
     cols = list(columns) if columns is not None else None
+    if cols is not None and manifest.get("buckets") and "bucket" not in cols:
+        cols.append("bucket")  # training draws each batch from one bucket
     if worker_visible(fs) and not in_driver:
         ds = ray.data.read_parquet(paths, filesystem=arrow_fs(fs))
         return ds.select_columns(cols) if cols else ds
@@ -652,7 +722,8 @@ def distinct_captions(uri: str, limit: int, with_states: bool = False) -> list[d
 
 def load_cache_tensors(uri: str) -> dict[str, Any]:
     """A (small) cache -> torch tensors in ``row_id`` order: x, text, text_mask, label (tensors) and
-    caption, row_id (lists). No Ray needed."""
+    caption, row_id (lists). No Ray needed. With buckets, ``x`` is a list of (C, h, w) tensors (each
+    row its bucket's shape) and ``bucket`` a tensor of bucket indices."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -676,7 +747,20 @@ def load_cache_tensors(uri: str) -> dict[str, Any]:
         return torch.from_numpy(np.ascontiguousarray(arr[order]))
 
     captions = table.column("caption").to_pylist()
-    return {
-        "x": tensor("x"), "text": tensor("text"), "text_mask": tensor("text_mask"), "label": tensor("label"),
+    out = {
+        "text": tensor("text"), "text_mask": tensor("text_mask"), "label": tensor("label"),
         "caption": [captions[i] for i in order], "row_id": [row_ids[i] for i in order],
     }
+    if manifest.get("buckets"):
+        rows = [a for chunk in table.column("x").chunks for a in _tensor_rows(chunk)]
+        out["x"] = [torch.from_numpy(np.ascontiguousarray(rows[i])) for i in order]
+        out["bucket"] = tensor("bucket")
+    else:
+        out["x"] = tensor("x")
+    return out
+
+
+def _tensor_rows(chunk: Any) -> list[np.ndarray]:
+    """One array per row of a tensor column chunk, fixed- or variable-shaped."""
+    arr = chunk.to_numpy(zero_copy_only=False) if hasattr(chunk.type, "extension_name") and "variable" in chunk.type.extension_name else chunk.to_numpy()
+    return [np.asarray(a) for a in arr]

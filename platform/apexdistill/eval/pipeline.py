@@ -47,9 +47,11 @@ def _timed(fn: Any) -> tuple[torch.Tensor, float]:
 
 @torch.no_grad()
 def evaluate_pipeline_run(model: Any, cfg: Any, prompts: list[str], nfes: list[int], out_png: str | Path,
-                          per_prompt: int = 2, seed: int = 0, device: str = "cpu") -> list[PipelineEvalRow]:
+                          per_prompt: int = 2, seed: int = 0, device: str = "cpu", height: int | None = None,
+                          width: int | None = None) -> list[PipelineEvalRow]:
     """Teacher (``eval.teacher_nfe``, ``teacher.guidance_scale``) and student rows with ms/image, and a
-    grid (rows: teacher, then the student at each NFE) written to ``out_png``."""
+    grid (rows: teacher, then the student at each NFE) written to ``out_png``, at ``height`` x ``width``
+    pixels (default the ``data.resolution`` square)."""
     from apexdistill.eval.grid import save_grid
     from apexdistill.models.build import build_backbone
     from apexdistill.models.family import get_family
@@ -63,11 +65,11 @@ def evaluate_pipeline_run(model: Any, cfg: Any, prompts: list[str], nfes: list[i
     del encoder
     text, mask = text.repeat_interleave(per_prompt, 0).to(device), mask.repeat_interleave(per_prompt, 0).to(device)
     vae = build_vae(cfg.vae, cfg.data.image_channels).to(device)
-    c, h, w = vae.latent_shape(cfg.data.resolution)
+    c, h, w = vae.latent_shape(height or cfg.data.resolution, width or cfg.data.resolution)
     z = torch.randn((text.shape[0], c, h, w), generator=torch.Generator().manual_seed(seed)).to(device)
     model = model.to(device)
     teacher = build_backbone(cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}),
-                             c, h, text.shape[-1]).to(device).eval()
+                             c, vae.latent_shape(cfg.data.resolution)[-1], text.shape[-1]).to(device).eval()
     n, rows, images = z.shape[0], [], []
     scheduler = load_teacher_scheduler(cfg.model.path)
     x, seconds = _timed(lambda: family.sample(teacher, scheduler, z, text, mask, cfg.eval.teacher_nfe, cfg.teacher.guidance_scale,

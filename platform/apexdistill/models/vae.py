@@ -34,8 +34,9 @@ class PixelSpace(nn.Module):
     def identity(self) -> str:
         return f"pixels:c{self.image_channels}"
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        return (self.channels, resolution, resolution)
+    def latent_shape(self, resolution: int, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of a ``resolution`` square, or of ``resolution`` x ``width`` (height x width)."""
+        return (self.channels, resolution, width or resolution)
 
     def encode(self, images: Tensor) -> Tensor:
         return images
@@ -107,10 +108,12 @@ class Vae(nn.Module):
         """Stable identity for cache keys: folder name, class, latent channels, factor, normalization."""
         return self.config_identity(Path(self.source).name if self.source else "vae", self.conf)
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        if resolution % self.downsample:
-            raise ValueError(f"data.resolution={resolution} is not divisible by the VAE's downsampling factor {self.downsample}")
-        return (self.channels, resolution // self.downsample, resolution // self.downsample)
+    def latent_shape(self, resolution: int, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of a ``resolution`` square, or of ``resolution`` x ``width`` (height x width) pixels."""
+        width = width or resolution
+        if resolution % self.downsample or width % self.downsample:
+            raise ValueError(f"image size {resolution}x{width} is not divisible by the VAE's downsampling factor {self.downsample}")
+        return (self.channels, resolution // self.downsample, width // self.downsample)
 
     def _dtype(self) -> torch.dtype:
         return next(self.autoencoder.parameters()).dtype

@@ -22,11 +22,12 @@ from apexdistill.config import Config, dump_yaml
 @dataclass
 class TrainResult:
     run_dir: Path
-    checkpoint_dir: Path
+    checkpoint_dir: Path | None  # the local checkpoint folder (None when it lives on run.storage_uri)
     metrics: dict[str, Any]
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     eval_rows: list[Any] = field(default_factory=list)
+    checkpoint_uri: str = ""  # where the latest checkpoint is: the local folder, or its URI on run.storage_uri
 
 
 def run_dir(cfg: Config) -> Path:
@@ -39,11 +40,20 @@ def ray_storage(cfg: Config) -> Path:
 
 def clear_run(cfg: Config) -> None:
     """Delete a run's folder and Ray's record of it, so the next fit starts fresh instead of resuming
-    (and opens a new MLflow run: the record of the old one lives in the run folder)."""
+    (and opens a new MLflow run: the record of the old one lives in the run folder); on
+    ``run.storage_uri`` too."""
+    import posixpath
     import shutil
 
     for path in (run_dir(cfg), ray_storage(cfg) / cfg.run.name):
         shutil.rmtree(path, ignore_errors=True)
+    from apexdistill.train.storage import RunStorage
+
+    storage = RunStorage.from_config(cfg)
+    if storage is not None:
+        for folder in (storage.root, posixpath.join(storage.ray_storage_path, cfg.run.name)):
+            if storage.fs.get_file_info(folder).type.name != "NotFound":
+                storage.fs.delete_dir(folder)
 
 
 # every Ray process of ours: offline models, Train V2, worker prints once (not again through Train's logger)
@@ -179,7 +189,7 @@ def sample_prompts(cfg: Config, cache_uri: str, limit: int = 8) -> dict[str, lis
     return {"text": text.tolist(), "mask": mask.tolist()}
 
 
-def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None, step: int = 0) -> list[Any]:
+def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None, step: int = 0, weights_from: str | Path | None = None) -> list[Any]:
     """1/2/4-NFE scores of the final (EMA) weights on the built-in digits, logged into the run, with a
     sample grid (the teacher at ``eval.teacher_nfe`` above the student at each NFE, same prompts and
     noise) and each row's ms/image on that batch (``speed/*``). Logged at the final training ``step``, so
@@ -189,7 +199,7 @@ def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None, step: int = 
     from apexdistill.train.data import DataShapes, digit_caption_table
     from apexdistill.train.export import load_trained_backbone
 
-    model, _ = load_trained_backbone(run_folder, use_ema=cfg.eval.use_ema)
+    model, _ = load_trained_backbone(weights_from or run_folder, use_ema=cfg.eval.use_ema)
     bench = DigitsBench(cfg, *digit_caption_table(cfg))
     rows = bench.score(cfg.run.name, model, cfg.eval.nfe, "few_step")
     print(format_table(rows, bench.evaluator.floor_fd), flush=True)
@@ -246,9 +256,10 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     from ray.train.torch import TorchTrainer
 
     from apexdistill.data.preprocess import read_cache, run_preprocess
-    from apexdistill.tracking import RunLogger, close_run, open_run, redact_uri
+    from apexdistill.tracking import RUN_FILE, RunLogger, close_run, open_run, redact_uri
     from apexdistill.train.data import DataShapes, row_bytes
     from apexdistill.train.loop import latest_checkpoint, train_loop_per_worker
+    from apexdistill.train.storage import RunStorage
 
     check_memory_plan(cfg)  # a GPU run that cannot fit is refused before Ray, data or workers start
     out = run_dir(cfg)
@@ -257,12 +268,19 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
         from apexdistill.tracking import check_reachable, resolve_uri
 
         check_reachable(resolve_uri(cfg))
+    storage = RunStorage.from_config(cfg)
+    if storage is not None:  # unreachable or unwritable storage is reported before Ray starts
+        storage.check_writable(dump_yaml(cfg))
     connect(cfg, address)
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "config.yaml")
     cache = run_preprocess(cfg)
     shapes = DataShapes.from_manifest(cache.manifest, cache.uri)
     shapes.save(out)
+    if storage is not None:
+        storage.put_file(out / "data_shapes.json", "data_shapes.json")
+        if not (out / RUN_FILE).is_file():  # resumed on another machine: log into the same MLflow run
+            storage.get_file(RUN_FILE, out / RUN_FILE)
     # a cache that the workers hold in memory anyway is read here once: no Ray Data task needs a CPU
     in_driver = shapes.rows * row_bytes(cache.manifest) <= cfg.data.in_memory_max_mb * 2**20
     if not in_driver:
@@ -270,6 +288,8 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     if cfg.tracking.enabled:
         handle = open_run(cfg, out, tags={"apexdistill.cache_key": cache.key, **(run_tags or {})},
                           parent_run_id=parent_run_id)
+        if storage is not None:
+            storage.put_file(out / RUN_FILE, RUN_FILE)
         verb = "resuming" if handle.resumed else "logging to"
         print(f"[train] MLflow: {verb} run {handle.run_id} in experiment '{cfg.tracking.experiment}' ({redact_uri(handle.uri)})", flush=True)
     logger = RunLogger.from_handle(handle)
@@ -300,7 +320,9 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu and workers > 0, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=str(ray_storage(cfg)),
+            # on object storage Ray keeps its run state there too (and a pointer per published checkpoint)
+            storage_path=storage.ray_storage_path if storage else str(ray_storage(cfg)),
+            storage_filesystem=storage.fs if storage else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=train_callbacks or None,
@@ -319,19 +341,26 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
     # local mode reports the folder we published; with workers Ray also has a copy under storage_path
-    checkpoint = latest_checkpoint(out) or Path(result.checkpoint.path)
+    if storage is not None:
+        latest = storage.latest()
+        if latest is None:
+            raise RuntimeError(f"run {cfg.run.name} finished without a complete checkpoint under {storage.run_uri}")
+        checkpoint, checkpoint_uri = None, storage.to_uri(latest)
+    else:
+        checkpoint = latest_checkpoint(out) or Path(result.checkpoint.path)
+        checkpoint_uri = str(checkpoint)
     metrics = dict(result.metrics or {})
     rows: list[Any] = []
     if logger is not None:
-        logger.set_tags({"apexdistill.checkpoint": str(checkpoint)})
+        logger.set_tags({"apexdistill.checkpoint": checkpoint_uri})
         logger.log_metrics({"fit_seconds": time.time() - started})
     if evaluate is None:
         evaluate = cfg.eval.at_end and cfg.data.source == "digits" and not cfg.vae.path
     if evaluate:
         print("[train] evaluating the final weights on the built-in digits", flush=True)
-        rows = evaluate_run(cfg, out, logger, step=int(metrics.get("step") or 0))
+        rows = evaluate_run(cfg, out, logger, step=int(metrics.get("step") or 0), weights_from=storage.run_uri if storage else None)
     if handle is not None:
         close_run(handle, "FINISHED")
-    return TrainResult(run_dir=out, checkpoint_dir=checkpoint, metrics=metrics, eval_rows=rows,
+    return TrainResult(run_dir=out, checkpoint_dir=checkpoint, checkpoint_uri=checkpoint_uri, metrics=metrics, eval_rows=rows,
                        mlflow_run_id=handle.run_id if handle else None, tracking_uri=handle.uri if handle else None)
 

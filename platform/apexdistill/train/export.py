@@ -17,9 +17,33 @@ from apexdistill.train.strategy import EMA_FILE, MODEL_FILE
 LORA_DIR = "lora"  # the adapter alone, next to the merged transformer/
 
 
+_FETCHED: dict[str, Path] = {}  # run URI -> its local copy, fetched once per process
+
+
+def local_run(path: str | Path) -> Path:
+    """A local path as is; a run URI on ``run.storage_uri`` (``<uri>/runs/<name>`` or one of its
+    ``checkpoints/step_*``) downloaded once into a temp folder laid out as a run folder (weights,
+    config and shapes; not the sharded training state), removed when the process exits."""
+    from apexdistill.train.storage import fetch_run, is_uri
+
+    if not is_uri(path):
+        return Path(path)
+    uri = str(path).rstrip("/")
+    if uri not in _FETCHED:
+        import atexit
+        import shutil
+
+        local = fetch_run(uri)  # endpoint and credentials from the environment (AWS_ENDPOINT_URL, ...)
+        atexit.register(shutil.rmtree, local, True)
+        step = uri.rsplit("/", 1)[-1]
+        _FETCHED[uri] = local / "checkpoints" / step if step.startswith("step_") else local
+    return _FETCHED[uri]
+
+
 def resolve_checkpoint(path: str | Path) -> tuple[Config, Path]:
-    """A run folder (``<workdir>/runs/<name>``) or one of its ``checkpoints/step_*`` folders."""
-    p = Path(path)
+    """A run folder (``<workdir>/runs/<name>``) or one of its ``checkpoints/step_*`` folders, local
+    or on ``run.storage_uri`` (``s3://.../runs/<name>``: the latest complete checkpoint is fetched)."""
+    p = local_run(path)
     if (p / CHECKPOINT_STATE).is_file():
         run_folder, ckpt = p.parent.parent, p
     else:
@@ -69,7 +93,7 @@ def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True, ove
         if has_lora(backbone):
             save_lora(backbone, folder / LORA_DIR)
     dump_yaml(cfg, folder / "train_config.yaml")
-    _record_export(Path(path), folder)
+    _record_export(local_run(path), folder)
     return folder
 
 

@@ -8,7 +8,9 @@ metrics and checkpoints with ``ray.train.report``. ``TorchTrainer`` runs it in l
 
 Checkpoints are written by every rank into one folder (each rank its RNG state, sharded strategies
 their shards), published with an atomic rename by rank 0, and reported to Ray, which copies them to
-``RunConfig.storage_path``; Ray's copy is what a restarted worker group resumes from.
+``RunConfig.storage_path``; Ray's copy is what a restarted worker group resumes from. With
+``run.storage_uri`` they are published on object storage instead (``train/storage.py``: each rank
+uploads its files, rank 0 writes the manifest last) and Ray gets a pointer to the published folder.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from apexdistill.config import Config
 from apexdistill.method.base import build_objective
 from apexdistill.models.build import build_backbone
 from apexdistill.train.data import DataShapes, shard_batches
+from apexdistill.train.storage import RunStorage, publish_remote, write_pointer
 from apexdistill.train.strategy import Strategy, barrier, build_strategy, distributed
 
 CHECKPOINT_STATE = "trainer_state.json"
@@ -75,7 +78,8 @@ def run_identity(cfg: Config) -> dict[str, Any]:
     if cfg.train.strategy == "deepspeed":  # ZeRO's partitioned optimizer states are per world size
         parallel.update(workers=cfg.train.num_workers, stage=cfg.train.deepspeed.stage)
     return {"objective": cfg.objective.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-            "data": {"source": cfg.data.source, "path": cfg.data.path, "resolution": cfg.data.resolution},
+            "data": {"source": cfg.data.source, "path": cfg.data.path, "resolution": cfg.data.resolution,
+                     **({"buckets": cfg.data.model_dump(mode="json")["buckets"]} if cfg.data.buckets is not None else {})},
             "text_encoder": cfg.text_encoder.model_dump(mode="json"), "vae": cfg.vae.model_dump(mode="json"),
             "parallel": parallel}
 
@@ -147,6 +151,43 @@ def find_resume_checkpoint(run_dir: Path) -> ray.train.Checkpoint | None:
         return ckpt
     local = latest_checkpoint(run_dir)
     return ray.train.Checkpoint.from_directory(str(local)) if local is not None else None
+
+
+@contextlib.contextmanager
+def resume_checkpoint(run_dir: Path, storage: Any = None) -> Any:
+    """(local folder, where it came from) of the checkpoint to resume from, or None. On object storage
+    Ray's checkpoint is a pointer to a published step folder; when that folder is gone or incomplete
+    (pruned, a publish that died), or Ray has none, the newest complete one on the storage counts."""
+    import posixpath
+
+    from apexdistill.train.storage import POINTER
+
+    if storage is None:
+        ckpt = find_resume_checkpoint(run_dir)
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as folder:
+            yield Path(folder), ckpt.path
+        return
+    target = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            pointer = Path(folder) / POINTER
+            if pointer.is_file():
+                uri = json.loads(pointer.read_text())["uri"]
+                candidate = posixpath.join(storage.base, uri[len(storage.uri.rstrip("/")) + 1 :])
+                target = candidate if storage.read_manifest(candidate) is not None else None
+    target = target or storage.latest()
+    if target is None:
+        yield None
+        return
+    local = Path(tempfile.mkdtemp(prefix="apexdistill-resume-"))
+    try:
+        yield storage.fetch(target, local), storage.to_uri(target)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def _rng_file(rank: int) -> str:
@@ -391,7 +432,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (FSDP2 keeps each rank's own shard)
 
     shapes = DataShapes(**loop_config["shapes"])
-    batches = shard_batches(ray.train.get_dataset_shard("train"), cfg, shapes.rows // world, loop_config["row_bytes"], cfg.run.seed + 1000 * rank)
+    batches = shard_batches(ray.train.get_dataset_shard("train"), cfg, shapes.rows // world, loop_config["row_bytes"], cfg.run.seed + 1000 * rank,
+                            shapes)
+    if getattr(batches, "left_out", None):
+        left = ", ".join(f"{shapes.buckets[b][0]}x{shapes.buckets[b][1]} ({shapes.bucket_rows[b]} rows)" for b in batches.left_out)
+        _log(rank, f"[train] buckets left out (some rank's shard has no row of them): {left}")
     backbone = build_backbone(cfg.model, shapes.channels, shapes.resolution, shapes.text_dim)
     if cfg.model.path:
         _log(rank, f"[train] initialised from {cfg.model.path}")
@@ -412,18 +457,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scorer = InTrainingEval(cfg, loop_config, device)
 
     step, trained_seconds = 0, 0.0
-    resume = find_resume_checkpoint(run_dir)
-    if resume is not None:
-        with resume.as_directory() as folder:
-            folder = Path(folder)
+    storage = RunStorage.from_config(cfg)
+    with resume_checkpoint(run_dir, storage) as resume:
+        if resume is not None:
+            folder, where = resume
             state = json.loads((folder / CHECKPOINT_STATE).read_text())
             check_resumable(state, cfg, folder)
             strategy.load(folder)
             batch_rng = load_rank_state(folder, rank)
+    if resume is not None:
         strategy.after_load()
         step, trained_seconds = int(state["step"]), float(state.get("trained_seconds", 0.0))
         batches.resume_at(step, batch_rng)
-        _log(rank, f"[train] resumed at step {step} from {resume.path}")
+        _log(rank, f"[train] resumed at step {step} from {where}")
 
     n_train = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
     accum = cfg.train.grad_accum_steps
@@ -437,8 +483,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def checkpoint(final: bool) -> ray.train.Checkpoint | None:
         state = trainer_state()
-        folder = publish_checkpoint(run_dir, step, lambda tmp: write_checkpoint(tmp, strategy, batches, state, final),
-                                    keep=cfg.train.num_to_keep, rank=rank)
+        write = lambda tmp: write_checkpoint(tmp, strategy, batches, state, final)  # noqa: E731
+        if storage is not None:  # published on object storage; Ray keeps a pointer to it
+            uri = publish_remote(storage, step, write, keep=cfg.train.num_to_keep, rank=rank)
+            return ray.train.Checkpoint.from_directory(str(write_pointer(run_dir, uri, step))) if rank == 0 else None
+        folder = publish_checkpoint(run_dir, step, write, keep=cfg.train.num_to_keep, rank=rank)
         return ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None
 
     started, window_start, window_steps = time.time(), time.time(), 0
