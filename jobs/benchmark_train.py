@@ -3,7 +3,7 @@
 Three measurements on the tiny Sana backbone and the built-in digits, all in one run so that the
 ratios compare numbers taken side by side on the same (noisy) machine:
 
-1. ``apex`` vs ``fm`` in-process, same backbone and batch: median step time (interleaved blocks)
+1. ``apex`` (the demo's recipe) vs ``fm`` in-process, same backbone and batch: median step time (interleaved blocks)
    and training memory. On CUDA the memory is ``torch.cuda.max_memory_allocated``; on CPU, where
    torch keeps no allocator statistics, it is weights + gradients + AdamW states + the activations
    saved for backward (counted with ``saved_tensors_hooks``), which is what differs between the two.
@@ -33,11 +33,13 @@ def _batch(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
 def _setup(cfg):
     from apexdistill.method.base import build_objective
     from apexdistill.models.build import build_backbone
+    from apexdistill.train.loop import bind_reference, keep_initial_weights
     from apexdistill.train.strategy import Strategy
 
     backbone = build_backbone(cfg.model, 1, 16, 384)
     strategy = Strategy(cfg, 0, 1, torch.device(cfg.train.use_gpu and "cuda" or "cpu"))
     strategy.wrap(backbone, build_objective(cfg.objective))
+    bind_reference(strategy.objective, strategy, keep_initial_weights(cfg, backbone))  # the recipe's frozen teacher
     return strategy
 
 
@@ -163,7 +165,10 @@ def main() -> None:
     common = [f"run.workdir={args.workdir}", "model.path=builtin:teacher", "objective.name=apex", f"train.batch_size={args.batch}",
               f"train.steps={args.steps}", f"train.log_every={log_every}", "train.checkpoint_every=0", "eval.at_end=false",
               "tracking.experiment=benchmark-train-runs", *args.overrides]
-    cfg = build_config({}, common)
+    from apexdistill.demo import demo_config
+
+    # apex is the demo's recipe (its objective section); fm and the rest are the library defaults
+    cfg = build_config({"objective": demo_config(args.workdir).objective.model_dump(mode="json")}, common)
     ensure_ray()
     cache = run_preprocess(cfg)
     shapes = DataShapes.from_manifest(cache.manifest, cache.uri)

@@ -238,6 +238,9 @@ class ApexConfig(_Section):
         "steps from t0 - delta to 0 (delta = 0.01); 0 = off")
     consistency_steps: int = Field(4, ge=1, le=64, description="Euler sub-steps of the consistency target's reference (the "
                                    "released code's estimate_order)")
+    consistency_decay_steps: int = Field(
+        0, ge=0, description="the consistency weight falls linearly to 0 over this many steps, leaving the one-step student to "
+        "the self-adversarial correction once the teacher's few-step target has been reached (0 = constant)")
     consistency_reference: Literal["frozen", "ema"] = Field(
         "frozen", description="weights the consistency target's sub-steps come from: frozen (the initial weights, i.e. the "
         "teacher; the base with adapters disabled under LoRA) or ema (the EMA of the trained weights)")

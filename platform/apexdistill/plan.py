@@ -244,7 +244,7 @@ class Plan:
     text_tokens: int
     gradient_checkpointing: bool
     objective: str
-    gradient_passes: tuple[int, ...]
+    gradient_passes: tuple[float, ...]
     parameters: int
     trainable_parameters: int
     weights_gb: float
@@ -413,7 +413,7 @@ def format_plan(plan: Plan) -> str:
         f"{plan.family} {plan.model}: {plan.parameters / 1e9:.3f}B parameters, {plan.trainable_parameters / 1e6:,.1f}M trained ({lora})",
         f"{plan.strategy} x {plan.workers} worker(s), {plan.precision} on {plan.device}, batch {plan.batch_size} per GPU"
         f" x {plan.grad_accum_steps} accum, {plan.resolution} px -> {c}x{h}x{w}, {plan.text_tokens} text tokens, "
-        f"{plan.objective} ({'+'.join(f'{p}B' for p in plan.gradient_passes)} with gradient), checkpointing {ckpt}",
+        f"{plan.objective} ({'+'.join(f'{p:g}B' for p in plan.gradient_passes)} with gradient), checkpointing {ckpt}",
         "",
         "| per GPU | GB |",
         "|---|---:|",

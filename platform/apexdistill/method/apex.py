@@ -14,9 +14,18 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
             guidance_ratio r > 0 (the released code's enhanced_ratio) its target is the guided field
             (z - x) + r*(v_ref(x_t, t, c) - v_ref(x_t, t, c_neg)), both velocities without gradient from
             the reference weights (the frozen base under LoRA, else the EMA)
-   total  = lambda_g*L_gen + lambda_p*L_fake + lambda_r*L_real
+7. L_cons (``consistency_weight`` lambda_c > 0; the released code's RCGM target on its one-step group):
+            F(z, t0, c) is pulled to sg(F - clamp(R)), R = (t0*F - D)/delta - (z - x), D the reference weights'
+            ``consistency_steps`` Euler steps from (z - delta*(z - x), t0 - delta) to 0, delta = 0.01, x the row's
+            data (the released code's random pairing). From the frozen teacher its fixed point is the teacher's
+            few-step ODE sample; ``consistency_decay_steps`` hands over to the correction afterwards.
+   total  = lambda_g*L_gen + lambda_p*L_fake + lambda_r*L_real + lambda_c*L_cons
 
-All passes that need a gradient go through the network as one concatenated batch.
+Rows: with ``generator_fraction`` f < 1 the first f of the batch drive steps 1-5 and 7 and the rest is
+the anchor (the released code's grouping: about one gradient pass per row); with f = 1 every row does
+all of them. The gradient passes go through the network in two calls (the generator, then the fake
+branch and the anchor as one concatenated batch); the reference queries (guidance, consistency) run
+first, before any graph exists.
 """
 
 from __future__ import annotations
@@ -41,9 +50,13 @@ class Apex(ShiftedObjective):
         t_max = min(cfg.time.max, cfg.apex.anchor_t_max)
         self.anchor_time = cfg.time.model_copy(update={"max": t_max, "min": min(cfg.time.min, t_max / 2)})
 
-    def gradient_passes(self) -> tuple[int, ...]:
-        # the generator pass (B), then the fake branch and the anchor batched together (2B)
-        return (1, 2) if self.cfg.apex.lambda_r > 0 else (1, 1)
+    def gradient_passes(self) -> tuple[float, ...]:
+        # the generator pass (its group, fB), then the fake branch (fB) and the anchor (the other rows, or
+        # all of them at f = 1) batched together
+        f, anchored = self.cfg.apex.generator_fraction, self.cfg.apex.lambda_r > 0
+        if f >= 1.0:
+            return (1, 2) if anchored else (1, 1)
+        return (f, 1.0) if anchored else (f, f)
 
     def loss(self, model: nn.Module, batch: Batch, step: int = 0) -> tuple[Tensor, dict[str, float]]:
         p = self.cfg.apex
@@ -67,7 +80,8 @@ class Apex(ShiftedObjective):
         # live parameters (the EMA, the kept teacher), so no graph may exist yet
         target_real = self._real_target(model, x_a, z3, x_real_t, t_real, c_a, m_a) if p.lambda_r > 0 else None
         v_data = velocity_target(x[gen], z)  # the consistency target's small data step (a random data pairing)
-        displacement = self._consistency_displacement(model, z, v_data, t0, c_g, m_g) if p.consistency_weight > 0 else None
+        lambda_c = p.consistency_weight * (1.0 - ramp(step, 0, p.consistency_decay_steps) if p.consistency_decay_steps else 1.0)
+        displacement = self._consistency_displacement(model, z, v_data, t0, c_g, m_g) if lambda_c > 0 else None
 
         # The generator output is needed before x_s exists, so the generator pass runs first;
         # the fake-branch and anchor passes then share one batched call.
@@ -96,7 +110,7 @@ class Apex(ShiftedObjective):
         else:
             loss_cons = zero
         lambda_g = p.lambda_g * ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)
-        loss = lambda_g * loss_gen + p.lambda_p * loss_fake + p.lambda_r * loss_real + p.consistency_weight * loss_cons
+        loss = lambda_g * loss_gen + p.lambda_p * loss_fake + p.lambda_r * loss_real + lambda_c * loss_cons
         return loss, scalar_metrics(
             loss=loss,
             loss_gen=loss_gen,
@@ -105,6 +119,7 @@ class Apex(ShiftedObjective):
             loss_cons=loss_cons,
             correction_abs=correction.abs().mean(),
             lambda_g_eff=lambda_g,
+            lambda_c_eff=lambda_c,
             shift_a=self.shift.a,
             shift_b=self.shift.b,
         )

@@ -37,7 +37,7 @@ class Objective(nn.Module):
         """Extra optimizer groups owned by the objective (e.g. the learnable shift)."""
         return []
 
-    def gradient_passes(self) -> tuple[int, ...]:
+    def gradient_passes(self) -> tuple[float, ...]:
         """The network calls of one step that keep their autograd graph until backward, each as a
         multiple of the batch size: their activations are held at once (``apexdistill plan``).
         Calls under ``torch.no_grad`` keep nothing and are not listed."""
