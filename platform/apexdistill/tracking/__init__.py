@@ -247,11 +247,17 @@ def record_benchmark(workdir: str | Path, name: str, record: dict[str, Any], par
     path = out / f"{name}.json"
     path.write_text(json.dumps(record, indent=2, default=str))
     _quiet_store_logs()
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-    mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name=name):
-        mlflow.log_params(params)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        mlflow.log_dict(record, f"{name}.json")
+    # a client on the store, not mlflow.set_tracking_uri: that would also export MLFLOW_TRACKING_URI to
+    # every process started afterwards (Ray workers, jobs) and send their runs here
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("benchmarks")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("benchmarks")
+    run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    client.log_dict(run_id, record, f"{name}.json")
+    client.set_terminated(run_id, "FINISHED")
     print(f"[bench] wrote {path}; MLflow experiment 'benchmarks' in {workdir / 'mlflow.db'}")
     return path
