@@ -31,6 +31,16 @@ for _key, _value in (("AWS_ACCESS_KEY_ID", "apexdistill-test"), ("AWS_SECRET_ACC
     os.environ.setdefault(_key, _value)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (a test elsewhere may have changed the count): on a
+    shared 2-core machine extra threads only fight each other."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def minilm_states():
     """The ten digit captions encoded once with the real MiniLM: (10, L, 384) states and masks."""

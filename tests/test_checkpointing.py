@@ -24,11 +24,8 @@ TOLERANCE = 1e-6
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """Every test of this module on one torch thread (conftest's ``one_thread``)."""
 
 
 @contextlib.contextmanager

@@ -25,12 +25,8 @@ SHAPES = [(1, 16), (4, 8)]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models on a shared 2-core machine: extra threads only fight each other
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """Every test of this module on one torch thread (conftest's ``one_thread``)."""
 
 
 def make_backbone(family: str, channels: int = 1, side: int = 16, target_time: bool = False, lora: bool = False, seed: int = 0) -> Backbone:

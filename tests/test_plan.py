@@ -32,11 +32,8 @@ QWEN_LORA = ["model.backbone=qwenimage", "model.preset=qwenimage-20b", "data.res
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """Every test of this module on one torch thread (conftest's ``one_thread``)."""
 
 
 @pytest.mark.parametrize("family,preset,target,channels,text_dim", PRESETS, ids=[p[1] for p in PRESETS])
