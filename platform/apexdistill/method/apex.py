@@ -16,8 +16,9 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
             the reference weights (the frozen base under LoRA, else the EMA)
 7. L_cons (``consistency_weight`` lambda_c > 0; the released code's RCGM target on its one-step group):
             F(z, t0, c) is pulled to sg(F - clamp(R)), R = (t0*F - D)/delta - (z - x), D the reference weights'
-            ``consistency_steps`` Euler steps from (z - delta*(z - x), t0 - delta) to 0, delta = 0.01, x the row's
-            data (the released code's random pairing). From the frozen teacher its fixed point is the teacher's
+            ``consistency_steps`` sub-steps of ``consistency_solver`` (the released code's Euler, or explicit
+            midpoint: two calls a sub-step, second order) from (z - delta*(z - x), t0 - delta) to 0, delta = 0.01,
+            x the row's data (the released code's random pairing). From the frozen teacher its fixed point is the teacher's
             few-step ODE sample; ``consistency_decay_steps`` hands over to the correction afterwards.
    total  = lambda_g*L_gen + lambda_p*L_fake + lambda_r*L_real + lambda_c*L_cons
 
@@ -141,7 +142,7 @@ class Apex(ShiftedObjective):
         p = self.cfg.apex
         with torch.no_grad(), self._reference(p.consistency_reference, "objective.apex.consistency_weight > 0"):
             return consistency_displacement(lambda x_, t_, _r: model(x_, t_, c, mask), z, v_data, t0, torch.zeros_like(t0),
-                                            p.consistency_steps)
+                                            p.consistency_steps, solver=p.consistency_solver)
 
     def _reference(self, source: str, why: str):
         if getattr(self, "reference", None) is None:

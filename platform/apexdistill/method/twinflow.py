@@ -100,12 +100,34 @@ def euler_displacement(velocity: VelocityFn, x: Tensor, t: Tensor, target_t: Ten
 
 
 @torch.no_grad()
+def midpoint_displacement(velocity: VelocityFn, x: Tensor, t: Tensor, target_t: Tensor, steps: int) -> Tensor:
+    """x_t - x_r predicted by ``steps`` explicit-midpoint sub-steps (two model calls each) of an
+    instantaneous velocity field from t to r: x_mid = x - (h/2)*F(x, t), x <- x - h*F(x_mid, t - h/2).
+    Second order: on the shipped digits teacher, 2 sub-steps (4 calls) land closer to its 50-step Euler
+    sample than 8 Euler sub-steps (README, "The apex recipe")."""
+    total = torch.zeros_like(x)
+    for i in range(steps):
+        t_now = t + (target_t - t) * (i / steps)
+        t_next = t + (target_t - t) * ((i + 1) / steps)
+        t_half = (t_now + t_next) / 2
+        x_half = x - bcast(t_now - t_half, x) * velocity(x, t_now, t_half)
+        step = bcast(t_now - t_next, x) * velocity(x_half, t_half, t_next)
+        x = x - step
+        total = total + step
+    return total
+
+
+#: the reference's ODE solvers for the RCGM displacement, by name (``objective.apex.consistency_solver``)
+DISPLACEMENT_SOLVERS = {"euler": euler_displacement, "midpoint": midpoint_displacement}
+
+
+@torch.no_grad()
 def consistency_displacement(velocity: VelocityFn, x_t: Tensor, v_target: Tensor, t: Tensor, target_t: Tensor, steps: int,
-                             delta_t: float = RCGM_DELTA_T) -> Tensor:
+                             delta_t: float = RCGM_DELTA_T, solver: str = "euler") -> Tensor:
     """D of the RCGM target: a small step along ``v_target`` from (x_t, t) to t' = max(t - delta_t, r), then
-    the model's own ``steps`` Euler sub-steps from t' to r; D = x_t' - x_r."""
+    the model's own ``steps`` sub-steps of ``solver`` from t' to r; D = x_t' - x_r."""
     t_mid = torch.maximum(t - delta_t, target_t)
-    return euler_displacement(velocity, x_t - delta_t * v_target, t_mid, target_t, steps)
+    return DISPLACEMENT_SOLVERS[solver](velocity, x_t - delta_t * v_target, t_mid, target_t, steps)
 
 
 @torch.no_grad()
