@@ -17,7 +17,7 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 QUICK = ["train.steps=20", "train.max_minutes=null", "train.log_every=10", "eval.samples_per_class=10", "eval.teacher_nfe=10"]
 # measured on this project's 2-core machine (the demo's 2 DDP workers, batch 32 each): the wall time
 # printed up front is an estimate from these, the step count is what the results depend on
-SECONDS_PER_STEP = 0.34  # the recipe: 1000 steps in 5m34s
+SECONDS_PER_STEP = 0.34  # the recipe: 1000 steps in 4m45s to 5m34s over three runs
 FIXED_SECONDS = 110  # Ray and Ray Train start-up, preprocessing, evaluation of 5 rows, the report
 
 
