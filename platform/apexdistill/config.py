@@ -242,6 +242,11 @@ class ApexConfig(_Section):
         "euler", description="ODE solver of those sub-steps: euler (the released code's; one reference call a sub-step) or "
         "midpoint (explicit midpoint, two calls a sub-step, second order: 2 midpoint sub-steps reach a better target than 8 "
         "Euler ones at half the calls on the shipped teacher)")
+    consistency_renoise_t: float = Field(
+        0.0, ge=0.0, lt=1.0, description="also pull F(x_t, t, c) at this time, on the one-step samples re-noised to it "
+        "(x_t = (1-t)*x_one + t*z', x_one from the current weights without gradient), to the same consistency target from t "
+        "to 0, weighted by consistency_weight: the query the released 2-NFE sampler makes at t = 0.6. Costs one no-gradient "
+        "generator pass, the reference's sub-steps and one gradient pass over the generator rows; 0 = off")
     consistency_decay_steps: int = Field(
         0, ge=0, description="the consistency weight falls linearly to 0 over this many steps, leaving the one-step student to "
         "the self-adversarial correction once the teacher's few-step target has been reached (0 = constant)")

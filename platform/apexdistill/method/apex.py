@@ -20,6 +20,9 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
             midpoint: two calls a sub-step, second order) from (z - delta*(z - x), t0 - delta) to 0, delta = 0.01,
             x the row's data (the released code's random pairing). From the frozen teacher its fixed point is the teacher's
             few-step ODE sample; ``consistency_decay_steps`` hands over to the correction afterwards.
+   With ``consistency_renoise_t`` t2 > 0 the same target is also applied at t2 to the one-step samples re-noised
+            there (x_one from the current weights without gradient, a fresh z'): F(x_t2, t2, c) learns the jump
+            to the reference's ODE endpoint, which the 2-NFE sampler's second query (t2 = 0.6) takes.
    total  = lambda_g*L_gen + lambda_p*L_fake + lambda_r*L_real + lambda_c*L_cons
 
 Rows: with ``generator_fraction`` f < 1 the first f of the batch drive steps 1-5 and 7 and the rest is
@@ -54,10 +57,14 @@ class Apex(ShiftedObjective):
     def gradient_passes(self) -> tuple[float, ...]:
         # the generator pass (its group, fB), then the fake branch (fB) and the anchor (the other rows, or
         # all of them at f = 1) batched together
-        f, anchored = self.cfg.apex.generator_fraction, self.cfg.apex.lambda_r > 0
+        p = self.cfg.apex
+        f, anchored = p.generator_fraction, p.lambda_r > 0
         if f >= 1.0:
-            return (1, 2) if anchored else (1, 1)
-        return (f, 1.0) if anchored else (f, f)
+            passes = (1, 2) if anchored else (1, 1)
+        else:
+            passes = (f, 1.0) if anchored else (f, f)
+        renoised = p.consistency_weight > 0 and p.consistency_renoise_t > 0
+        return (*passes, min(f, 1.0)) if renoised else passes
 
     def loss(self, model: nn.Module, batch: Batch, step: int = 0) -> tuple[Tensor, dict[str, float]]:
         p = self.cfg.apex
@@ -83,6 +90,7 @@ class Apex(ShiftedObjective):
         v_data = velocity_target(x[gen], z)  # the consistency target's small data step (a random data pairing)
         lambda_c = p.consistency_weight * (1.0 - ramp(step, 0, p.consistency_decay_steps) if p.consistency_decay_steps else 1.0)
         displacement = self._consistency_displacement(model, z, v_data, t0, c_g, m_g) if lambda_c > 0 else None
+        renoised = self._renoised_consistency(model, z, t0, c_g, m_g) if lambda_c > 0 and p.consistency_renoise_t > 0 else None
 
         # The generator output is needed before x_s exists, so the generator pass runs first;
         # the fake-branch and anchor passes then share one batched call.
@@ -110,6 +118,13 @@ class Apex(ShiftedObjective):
             loss_cons = mse(v_gen, target_c).mean()
         else:
             loss_cons = zero
+        loss_cons2 = zero
+        if renoised is not None:  # 7'. the same target at consistency_renoise_t on the re-noised one-step samples
+            x_2, t_2, v_2, displacement_2 = renoised
+            f_2 = model(x_2, t_2, c_g, m_g)
+            target_2 = consistency_from_displacement(f_2, displacement_2, v_2, t_2, torch.zeros_like(t_2), clamp=p.correction_clamp)
+            loss_cons2 = mse(f_2, target_2).mean()
+            loss_cons = loss_cons + loss_cons2
         lambda_g = p.lambda_g * ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)
         loss = lambda_g * loss_gen + p.lambda_p * loss_fake + p.lambda_r * loss_real + lambda_c * loss_cons
         return loss, scalar_metrics(
@@ -118,6 +133,7 @@ class Apex(ShiftedObjective):
             loss_fake=loss_fake,
             loss_real=loss_real,
             loss_cons=loss_cons,
+            loss_cons_renoised=loss_cons2,
             correction_abs=correction.abs().mean(),
             lambda_g_eff=lambda_g,
             lambda_c_eff=lambda_c,
@@ -143,6 +159,16 @@ class Apex(ShiftedObjective):
         with torch.no_grad(), self._reference(p.consistency_reference, "objective.apex.consistency_weight > 0"):
             return consistency_displacement(lambda x_, t_, _r: model(x_, t_, c, mask), z, v_data, t0, torch.zeros_like(t0),
                                             p.consistency_steps, solver=p.consistency_solver)
+
+    def _renoised_consistency(self, model: nn.Module, z: Tensor, t0: Tensor, c: Tensor, mask: Tensor | None):
+        """(x_t2, t2, v, D): the one-step samples of the current weights (no gradient) re-noised to t2 with a fresh
+        z', their velocity z' - x_one, and the reference's displacement from there to 0."""
+        with torch.no_grad():
+            x_one = z - bcast(t0, z) * model(z, t0, c, mask)
+        z2 = torch.randn_like(z)
+        t2 = torch.full_like(t0, self.cfg.apex.consistency_renoise_t)
+        x_t2, v = interpolate(x_one, z2, t2), velocity_target(x_one, z2)
+        return x_t2, t2, v, self._consistency_displacement(model, x_t2, v, t2, c, mask)
 
     def _reference(self, source: str, why: str):
         if getattr(self, "reference", None) is None:
