@@ -118,7 +118,6 @@ class Apex(ShiftedObjective):
             loss_cons = mse(v_gen, target_c).mean()
         else:
             loss_cons = zero
-        loss_cons2 = zero
         if renoised is not None:  # 7'. the same target at consistency_renoise_t on the re-noised one-step samples
             x_2, t_2, v_2, displacement_2 = renoised
             f_2 = model(x_2, t_2, c_g, m_g)
@@ -127,19 +126,21 @@ class Apex(ShiftedObjective):
             loss_cons = loss_cons + loss_cons2
         lambda_g = p.lambda_g * ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)
         loss = lambda_g * loss_gen + p.lambda_p * loss_fake + p.lambda_r * loss_real + lambda_c * loss_cons
-        return loss, scalar_metrics(
+        metrics = scalar_metrics(
             loss=loss,
             loss_gen=loss_gen,
             loss_fake=loss_fake,
             loss_real=loss_real,
             loss_cons=loss_cons,
-            loss_cons_renoised=loss_cons2,
             correction_abs=correction.abs().mean(),
             lambda_g_eff=lambda_g,
             lambda_c_eff=lambda_c,
             shift_a=self.shift.a,
             shift_b=self.shift.b,
         )
+        if renoised is not None:  # logged only when on
+            metrics["loss_cons_renoised"] = float(loss_cons2.detach())
+        return loss, metrics
 
     def _groups(self, n: int) -> tuple[slice, slice]:
         """Rows of the generator/fake group and of the anchor: all rows for both at generator_fraction 1,
