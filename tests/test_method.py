@@ -5,6 +5,8 @@ Everything runs on the CPU in a few seconds; the diffusers backbones are tested 
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import pytest
@@ -69,6 +71,26 @@ class Recorder(nn.Module):
             out.retain_grad()
         self.calls.append(dict(x=x, t=t.detach().clone(), text=text.detach().clone(), target_t=target_t, out=out, grad=torch.is_grad_enabled()))
         return out
+
+
+class ReferenceSwitch(nn.Module):
+    """Runs ``live``, or ``ref`` inside ``reference(source)`` (what set_guidance gets); records the sources asked for."""
+
+    def __init__(self, live: nn.Module, ref: nn.Module) -> None:
+        super().__init__()
+        self.live, self.ref, self.active, self.sources = live, ref, live, []
+
+    def forward(self, *args, **kw):
+        return self.active(*args, **kw)
+
+    @contextlib.contextmanager
+    def reference(self, source):
+        self.sources.append(source)
+        self.active = self.ref
+        try:
+            yield
+        finally:
+            self.active = self.live
 
 
 class SignBlind(nn.Module):
@@ -315,30 +337,15 @@ NO_GENERATOR_WARMUP = {"generator_warmup_steps": 0, "generator_ramp_steps": 0}
 def test_apex_guidance_ratio_guides_the_anchor_with_the_reference_weights():
     """guidance_ratio r: the anchor's target is (z - x) + r*(v_ref(x_t, t, c) - v_ref(x_t, t, c_neg)), both
     velocities from the reference weights (set_guidance's context) without gradient, at the anchor's point."""
-    import contextlib
-
     r, n = 2.0, 8
     obj = make_objective("apex", apex={"guidance_ratio": r, "lambda_g": 0.0, "lambda_p": 0.0, "lambda_r": 1.0})
     live, ref = ToyVelocity().double(), ToyVelocity().double()
-    active = {"model": live}
-
-    class Switch(nn.Module):
-        def forward(self, *args, **kw):
-            return active["model"](*args, **kw)
-
-    @contextlib.contextmanager
-    def reference(source):
-        assert source == "auto"
-        active["model"] = ref
-        try:
-            yield
-        finally:
-            active["model"] = live
-
+    switch = ReferenceSwitch(live, ref)
     neg, neg_mask = torch.randn(1, TEXT_LEN, TEXT_DIM, dtype=torch.float64), torch.ones(1, TEXT_LEN)
-    obj.set_guidance((neg, neg_mask), reference)
-    model, batch = Recorder(Switch()), make_batch(n)
+    obj.set_guidance((neg, neg_mask), switch.reference)
+    model, batch = Recorder(switch), make_batch(n)
     loss, _ = obj.loss(model, batch, step=0)
+    assert switch.sources == ["auto"]
     guided = [c for c in model.calls if not c["grad"] and c["x"].shape[0] == 2 * n and torch.equal(c["text"][n:], neg.expand(n, -1, -1))]
     assert len(guided) == 1, "one batched no-gradient pass for v_cond and v_uncond"
     x_t, t = guided[0]["x"][:n], guided[0]["t"][:n]
@@ -351,7 +358,7 @@ def test_apex_guidance_ratio_guides_the_anchor_with_the_reference_weights():
     assert float(loss) == pytest.approx(float(expected), rel=1e-9)
     from_live = (live(x_t, t, batch["text"], batch["text_mask"]) - ((z - batch["x"]) + r * live_guide)).pow(2).flatten(1).mean(1).mean()
     assert abs(float(loss) - float(from_live)) > 1e-6, "the guidance must come from the reference weights, not the live ones"
-    assert active["model"] is live
+    assert switch.active is live
 
 
 def test_apex_guidance_ratio_needs_reference_weights():
@@ -425,33 +432,17 @@ def test_apex_consistency_target_is_rcgm_from_the_reference_weights(solver, call
     """consistency_weight: F(z, t0, c) is pulled to F - clamp(R), R = (t0*F - D)/delta - (z - x), D the
     reference weights' K sub-steps of the solver from (z - delta*(z - x), t0 - delta) to 0, computed before
     any graph."""
-    import contextlib
-
     from apexdistill.method.twinflow import DISPLACEMENT_SOLVERS, RCGM_DELTA_T
 
     steps, n = 3, 8
     obj = make_objective("apex", apex={"consistency_weight": 1.0, "consistency_steps": steps, "consistency_solver": solver,
                                        "lambda_g": 0.0, "lambda_p": 0.0, "lambda_r": 0.0, **NO_GENERATOR_WARMUP})
     live, ref = ToyVelocity().double(), ToyVelocity().double()
-    active, sources = {"model": live}, []
-
-    class Switch(nn.Module):
-        def forward(self, *args, **kw):
-            return active["model"](*args, **kw)
-
-    @contextlib.contextmanager
-    def reference(source):
-        sources.append(source)
-        active["model"] = ref
-        try:
-            yield
-        finally:
-            active["model"] = live
-
-    obj.set_guidance(None, reference)
-    rec, batch = Recorder(Switch()), make_batch(n)
+    switch = ReferenceSwitch(live, ref)
+    obj.set_guidance(None, switch.reference)
+    rec, batch = Recorder(switch), make_batch(n)
     loss, metrics = obj.loss(rec, batch, step=0)
-    assert sources == ["frozen"] and active["model"] is live
+    assert switch.sources == ["frozen"] and switch.active is live
     k = steps * calls_per_step
     reference_calls = [c for c in rec.calls if not c["grad"]][:k]
     assert rec.calls[:k] == reference_calls, "the reference sub-steps run before the generator pass builds a graph"
@@ -473,8 +464,6 @@ def test_apex_consistency_target_is_rcgm_from_the_reference_weights(solver, call
 def test_apex_renoised_consistency_targets_the_reference_jump_from_the_renoised_one_step_samples():
     """consistency_renoise_t t2: the current weights' one-step samples x_one (no gradient), re-noised to t2, get the
     same RCGM target from t2 to 0 (reference sub-steps before any graph); loss_cons adds that term."""
-    import contextlib
-
     from apexdistill.method.twinflow import DISPLACEMENT_SOLVERS, RCGM_DELTA_T
 
     steps, n, t2 = 2, 8, 0.6
@@ -482,23 +471,11 @@ def test_apex_renoised_consistency_targets_the_reference_jump_from_the_renoised_
                                        "consistency_renoise_t": t2, "lambda_g": 0.0, "lambda_p": 0.0, "lambda_r": 0.0,
                                        **NO_GENERATOR_WARMUP})
     live, ref = ToyVelocity().double(), ToyVelocity().double()
-    active = {"model": live}
-
-    class Switch(nn.Module):
-        def forward(self, *args, **kw):
-            return active["model"](*args, **kw)
-
-    @contextlib.contextmanager
-    def reference(source):
-        active["model"] = ref
-        try:
-            yield
-        finally:
-            active["model"] = live
-
-    obj.set_guidance(None, reference)
-    rec, batch = Recorder(Switch()), make_batch(n)
+    switch = ReferenceSwitch(live, ref)
+    obj.set_guidance(None, switch.reference)
+    rec, batch = Recorder(switch), make_batch(n)
     loss, metrics = obj.loss(rec, batch, step=0)
+    assert switch.sources == ["frozen", "frozen"] and switch.active is live
     first_grad = next(i for i, c in enumerate(rec.calls) if c["grad"])
     assert first_grad == 2 * steps + 1 + 2 * steps, "both targets' reference sub-steps and the no-gradient pass come first"
     one_step = rec.calls[2 * steps]  # the current weights' one-step samples, without gradient
