@@ -461,44 +461,55 @@ def test_apex_consistency_target_is_rcgm_from_the_reference_weights(solver, call
         make_objective("apex", apex={"consistency_weight": 1.0}).loss(ToyVelocity().double(), make_batch(n))
 
 
-def test_apex_renoised_consistency_targets_the_reference_jump_from_the_renoised_one_step_samples():
-    """consistency_renoise_t t2: the current weights' one-step samples x_one (no gradient), re-noised to t2, get the
-    same RCGM target from t2 to 0 (reference sub-steps before any graph); loss_cons adds that term."""
+@pytest.mark.parametrize("source,fraction", [("student", 1.0), ("data", 0.5)])
+def test_apex_renoised_consistency_targets_the_reference_jump_from_the_renoised_rows(source, fraction):
+    """consistency_renoise_t t2: the first fraction of the one-step rows, re-noised to t2 from the current weights'
+    one-step samples (no gradient) or from the rows' data, get the same RCGM target from t2 to 0. Their reference
+    sub-steps share the one-step target's calls (before any graph) and their rows join the generator's gradient
+    pass; loss_cons adds the term."""
     from apexdistill.method.twinflow import DISPLACEMENT_SOLVERS, RCGM_DELTA_T
 
     steps, n, t2 = 2, 8, 0.6
+    k = round(n * fraction)
     obj = make_objective("apex", apex={"consistency_weight": 1.0, "consistency_steps": steps, "consistency_solver": "midpoint",
-                                       "consistency_renoise_t": t2, "lambda_g": 0.0, "lambda_p": 0.0, "lambda_r": 0.0,
+                                       "consistency_renoise_t": t2, "consistency_renoise_fraction": fraction,
+                                       "consistency_renoise_source": source, "lambda_g": 0.0, "lambda_p": 0.0, "lambda_r": 0.0,
                                        **NO_GENERATOR_WARMUP})
     live, ref = ToyVelocity().double(), ToyVelocity().double()
     switch = ReferenceSwitch(live, ref)
     obj.set_guidance(None, switch.reference)
     rec, batch = Recorder(switch), make_batch(n)
+    text, mask = batch["text"], batch["text_mask"]
     loss, metrics = obj.loss(rec, batch, step=0)
-    assert switch.sources == ["frozen", "frozen"] and switch.active is live
+    assert switch.sources == ["frozen"] and switch.active is live, "one reference context for both targets"
+    extra = 1 if source == "student" else 0  # the no-gradient one-step pass over the k rows
     first_grad = next(i for i, c in enumerate(rec.calls) if c["grad"])
-    assert first_grad == 2 * steps + 1 + 2 * steps, "both targets' reference sub-steps and the no-gradient pass come first"
-    one_step = rec.calls[2 * steps]  # the current weights' one-step samples, without gradient
-    assert not one_step["grad"] and torch.allclose(one_step["t"], torch.full((n,), obj.cfg.apex.generator_t, dtype=torch.float64))
-    z, t0 = one_step["x"], one_step["t"]
-    with torch.no_grad():
-        x_one = z - t0.reshape(-1, 1, 1, 1) * live(z, t0, batch["text"], batch["text_mask"])
-    renoised = [c for c in rec.calls if c["grad"] and torch.allclose(c["t"], torch.full((n,), t2, dtype=torch.float64))]
-    assert len(renoised) == 1
-    x_2 = renoised[0]["x"]
-    z2 = (x_2 - (1 - t2) * x_one) / t2  # x_t2 = (1 - t2)*x_one + t2*z'
+    assert first_grad == extra + 2 * steps, "the one-step pass and the shared reference sub-steps come before any graph"
+    assert all(c["x"].shape[0] == n + k for c in rec.calls[extra:first_grad])
+    gen = rec.calls[first_grad]
+    assert gen["x"].shape[0] == n + k and sum(c["grad"] for c in rec.calls) == 2  # the generator pass (+ re-noised rows), fake
+    t_gen = torch.cat([torch.full((n,), obj.cfg.apex.generator_t), torch.full((k,), t2)]).double()
+    assert torch.allclose(gen["t"], t_gen)
+    z, t0, x_2 = gen["x"][:k], gen["t"][:k], gen["x"][n:]
+    if source == "student":
+        assert not rec.calls[0]["grad"] and torch.equal(rec.calls[0]["x"], z)
+        with torch.no_grad():
+            x_src = z - t0.reshape(-1, 1, 1, 1) * live(z, t0, text[:k], mask[:k])
+    else:
+        x_src = batch["x"][:k]
+    z2 = (x_2 - (1 - t2) * x_src) / t2  # x_t2 = (1 - t2)*x_src + t2*z'
     assert float(z2.std()) == pytest.approx(1.0, abs=0.35) and not torch.allclose(z2, z)
-    v = z2 - x_one
-    t_2 = torch.full((n,), t2, dtype=torch.float64)
-    d = DISPLACEMENT_SOLVERS["midpoint"](lambda x_, t_, _r: ref(x_, t_, batch["text"], batch["text_mask"]), x_2 - RCGM_DELTA_T * v,
+    v = z2 - x_src
+    t_2 = torch.full((k,), t2, dtype=torch.float64)
+    d = DISPLACEMENT_SOLVERS["midpoint"](lambda x_, t_, _r: ref(x_, t_, text[:k], mask[:k]), x_2 - RCGM_DELTA_T * v,
                                         t_2 - RCGM_DELTA_T, torch.zeros_like(t_2), steps)
     with torch.no_grad():
-        f = live(x_2, t_2, batch["text"], batch["text_mask"])
+        f = live(x_2, t_2, text[:k], mask[:k])
     residual = ((t2 * f - d) / RCGM_DELTA_T - v).clamp(-1, 1)
     assert metrics["loss_cons_renoised"] == pytest.approx(float(residual.pow(2).flatten(1).mean(1).mean()), rel=1e-9)
     assert metrics["loss_cons"] == pytest.approx(float(loss.detach()), rel=1e-9)
     assert metrics["loss_cons"] > metrics["loss_cons_renoised"] > 0
-    assert obj.gradient_passes() == (1, 1, 1.0)  # generator, fake branch (no anchor), the re-noised query
+    assert obj.gradient_passes() == (1 + fraction, 1)  # the generator with the re-noised rows, the fake branch (no anchor)
 
 
 def test_apex_generator_fraction_splits_the_batch_into_generator_and_anchor_rows():

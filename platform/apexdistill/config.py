@@ -245,8 +245,15 @@ class ApexConfig(_Section):
     consistency_renoise_t: float = Field(
         0.0, ge=0.0, lt=1.0, description="also pull F(x_t, t, c) at this time, on the one-step samples re-noised to it "
         "(x_t = (1-t)*x_one + t*z', x_one from the current weights without gradient), to the same consistency target from t "
-        "to 0, weighted by consistency_weight: the query the released 2-NFE sampler makes at t = 0.6. Costs one no-gradient "
-        "generator pass, the reference's sub-steps and one gradient pass over the generator rows; 0 = off")
+        "to 0, weighted by consistency_weight: the query the released 2-NFE sampler makes at t = 0.6. Costs a no-gradient "
+        "generator pass (source student), the reference's sub-steps on those rows (batched with the one-step target's) and "
+        "their rows in the generator's gradient pass; 0 = off")
+    consistency_renoise_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of the one-step group's rows that also get the re-noised target (the first "
+        "rows of the group; at least one): the extra reference and gradient work scales with it")
+    consistency_renoise_source: Literal["student", "data"] = Field(
+        "student", description="what is re-noised to consistency_renoise_t: student (the current weights' one-step samples, "
+        "one no-gradient pass over those rows) or data (the rows' own training samples, no extra pass)")
     consistency_decay_steps: int = Field(
         0, ge=0, description="the consistency weight falls linearly to 0 over this many steps, leaving the one-step student to "
         "the self-adversarial correction once the teacher's few-step target has been reached (0 = constant)")

@@ -21,8 +21,11 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
             x the row's data (the released code's random pairing). From the frozen teacher its fixed point is the teacher's
             few-step ODE sample; ``consistency_decay_steps`` hands over to the correction afterwards.
    With ``consistency_renoise_t`` t2 > 0 the same target is also applied at t2 to the one-step samples re-noised
-            there (x_one from the current weights without gradient, a fresh z'): F(x_t2, t2, c) learns the jump
-            to the reference's ODE endpoint, which the 2-NFE sampler's second query (t2 = 0.6) takes.
+            there (x_one from the current weights without gradient, or with ``consistency_renoise_source=data`` the
+            rows' own data; a fresh z'), on the first ``consistency_renoise_fraction`` of the group's rows:
+            F(x_t2, t2, c) learns the jump to the reference's ODE endpoint, which the 2-NFE sampler's second query
+            (t2 = 0.6) takes. Its reference sub-steps share the one-step target's calls and its rows join the
+            generator's gradient pass.
    total  = lambda_g*L_gen + lambda_p*L_fake + lambda_r*L_real + lambda_c*L_cons
 
 Rows: with ``generator_fraction`` f < 1 the first f of the batch drive steps 1-5 and 7 and the rest is
@@ -63,8 +66,9 @@ class Apex(ShiftedObjective):
             passes = (1, 2) if anchored else (1, 1)
         else:
             passes = (f, 1.0) if anchored else (f, f)
-        renoised = p.consistency_weight > 0 and p.consistency_renoise_t > 0
-        return (*passes, min(f, 1.0)) if renoised else passes
+        if p.consistency_weight > 0 and p.consistency_renoise_t > 0:  # the re-noised rows join the generator's pass
+            passes = (passes[0] * (1 + p.consistency_renoise_fraction), *passes[1:])
+        return passes
 
     def loss(self, model: nn.Module, batch: Batch, step: int = 0) -> tuple[Tensor, dict[str, float]]:
         p = self.cfg.apex
@@ -89,12 +93,20 @@ class Apex(ShiftedObjective):
         target_real = self._real_target(model, x_a, z3, x_real_t, t_real, c_a, m_a) if p.lambda_r > 0 else None
         v_data = velocity_target(x[gen], z)  # the consistency target's small data step (a random data pairing)
         lambda_c = p.consistency_weight * (1.0 - ramp(step, 0, p.consistency_decay_steps) if p.consistency_decay_steps else 1.0)
-        displacement = self._consistency_displacement(model, z, v_data, t0, c_g, m_g) if lambda_c > 0 else None
-        renoised = self._renoised_consistency(model, z, t0, c_g, m_g) if lambda_c > 0 and p.consistency_renoise_t > 0 else None
+        # the generator pass's inputs: the one-step rows, then (7') the first k of them re-noised to t2
+        x_in, t_in, v_in, c_in, m_in = z, t0, v_data, c_g, m_g
+        k = min(n, max(1, round(n * p.consistency_renoise_fraction))) if lambda_c > 0 and p.consistency_renoise_t > 0 else 0
+        if k:
+            m_k = _rows(m_g, slice(0, k))
+            x_2, t_k, v_2 = self._renoised_points(model, z[:k], x[gen][:k], t0[:k], c_g[:k], m_k)
+            x_in, t_in, v_in = torch.cat([z, x_2]), torch.cat([t0, t_k]), torch.cat([v_data, v_2])
+            c_in, m_in = torch.cat([c_g, c_g[:k]]), cat_batches(m_g, m_k)
+        # one batched set of reference sub-steps for all of them
+        displacement = self._consistency_displacement(model, x_in, v_in, t_in, c_in, m_in) if lambda_c > 0 else None
 
         # The generator output is needed before x_s exists, so the generator pass runs first;
         # the fake-branch and anchor passes then share one batched call.
-        v_gen = model(z, t0, c_g, m_g)
+        v_gen, f_2 = _split(model(x_in, t_in, c_in, m_in), n)
         x_g = (z - bcast(t0, z) * v_gen).detach()
         x_s = interpolate(x_g, z2, s)
         c_fake = self.shift(c_g)
@@ -114,14 +126,13 @@ class Apex(ShiftedObjective):
         zero = torch.zeros((), device=x.device)
         loss_real = mse(v_real_x, target_real).mean() if v_real_x is not None else zero  # 6.
         if displacement is not None:  # 7. the released code's RCGM consistency target on the one-step group
-            target_c = consistency_from_displacement(v_gen, displacement, v_data, t0, torch.zeros_like(t0), clamp=p.correction_clamp)
+            target_c = consistency_from_displacement(v_gen, displacement[:n], v_data, t0, torch.zeros_like(t0), clamp=p.correction_clamp)
             loss_cons = mse(v_gen, target_c).mean()
         else:
             loss_cons = zero
-        if renoised is not None:  # 7'. the same target at consistency_renoise_t on the re-noised one-step samples
-            x_2, t_2, v_2, displacement_2 = renoised
-            f_2 = model(x_2, t_2, c_g, m_g)
-            target_2 = consistency_from_displacement(f_2, displacement_2, v_2, t_2, torch.zeros_like(t_2), clamp=p.correction_clamp)
+        if k:  # 7'. the same target at consistency_renoise_t on the re-noised rows
+            t_2 = t_in[n:]
+            target_2 = consistency_from_displacement(f_2, displacement[n:], v_in[n:], t_2, torch.zeros_like(t_2), clamp=p.correction_clamp)
             loss_cons2 = mse(f_2, target_2).mean()
             loss_cons = loss_cons + loss_cons2
         lambda_g = p.lambda_g * ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)
@@ -138,7 +149,7 @@ class Apex(ShiftedObjective):
             shift_a=self.shift.a,
             shift_b=self.shift.b,
         )
-        if renoised is not None:  # logged only when on
+        if k:  # logged only when on
             metrics["loss_cons_renoised"] = float(loss_cons2.detach())
         return loss, metrics
 
@@ -155,21 +166,21 @@ class Apex(ShiftedObjective):
         return slice(0, k), slice(k, n)
 
     def _consistency_displacement(self, model: nn.Module, z: Tensor, v_data: Tensor, t0: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
-        """D of the consistency target: the reference weights' Euler sub-steps from t0 - delta to 0."""
+        """D of the consistency target: the reference weights' sub-steps from t0 - delta to 0 (per row)."""
         p = self.cfg.apex
         with torch.no_grad(), self._reference(p.consistency_reference, "objective.apex.consistency_weight > 0"):
             return consistency_displacement(lambda x_, t_, _r: model(x_, t_, c, mask), z, v_data, t0, torch.zeros_like(t0),
                                             p.consistency_steps, solver=p.consistency_solver)
 
-    def _renoised_consistency(self, model: nn.Module, z: Tensor, t0: Tensor, c: Tensor, mask: Tensor | None):
-        """(x_t2, t2, v, D): the one-step samples of the current weights (no gradient) re-noised to t2 with a fresh
-        z', their velocity z' - x_one, and the reference's displacement from there to 0."""
-        with torch.no_grad():
-            x_one = z - bcast(t0, z) * model(z, t0, c, mask)
+    def _renoised_points(self, model: nn.Module, z: Tensor, x: Tensor, t0: Tensor, c: Tensor, mask: Tensor | None):
+        """(x_t2, t2, v): the re-noised rows of 7' and their velocity z' - x_src, x_src the one-step samples of the
+        current weights (no gradient) or the rows' data (``consistency_renoise_source``), z' fresh noise."""
+        if self.cfg.apex.consistency_renoise_source == "student":
+            with torch.no_grad():
+                x = z - bcast(t0, z) * model(z, t0, c, mask)
         z2 = torch.randn_like(z)
         t2 = torch.full_like(t0, self.cfg.apex.consistency_renoise_t)
-        x_t2, v = interpolate(x_one, z2, t2), velocity_target(x_one, z2)
-        return x_t2, t2, v, self._consistency_displacement(model, x_t2, v, t2, c, mask)
+        return interpolate(x, z2, t2), t2, velocity_target(x, z2)
 
     def _reference(self, source: str, why: str):
         if getattr(self, "reference", None) is None:
