@@ -244,7 +244,7 @@ class ApexConfig(_Section):
         "Euler ones at half the calls on the shipped teacher)")
     consistency_renoise_t: float = Field(
         0.0, ge=0.0, lt=1.0, description="also pull F(x_t, t, c) at this time, on the one-step samples re-noised to it "
-        "(x_t = (1-t)*x_one + t*z', x_one from the current weights without gradient), to the same consistency target from t "
+        "(x_t = (1-t)*x_src + t*z', x_src per consistency_renoise_source), to the same consistency target from t "
         "to 0, weighted by consistency_weight: the query the released 2-NFE sampler makes at t = 0.6. Costs a no-gradient "
         "generator pass (source student), the reference's sub-steps on those rows (batched with the one-step target's) and "
         "their rows in the generator's gradient pass; 0 = off")

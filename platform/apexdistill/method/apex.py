@@ -98,8 +98,8 @@ class Apex(ShiftedObjective):
         k = min(n, max(1, round(n * p.consistency_renoise_fraction))) if lambda_c > 0 and p.consistency_renoise_t > 0 else 0
         if k:
             m_k = _rows(m_g, slice(0, k))
-            x_2, t_k, v_2 = self._renoised_points(model, z[:k], x[gen][:k], t0[:k], c_g[:k], m_k)
-            x_in, t_in, v_in = torch.cat([z, x_2]), torch.cat([t0, t_k]), torch.cat([v_data, v_2])
+            x_2, t_2, v_2 = self._renoised_points(model, z[:k], x[gen][:k], t0[:k], c_g[:k], m_k)
+            x_in, t_in, v_in = torch.cat([z, x_2]), torch.cat([t0, t_2]), torch.cat([v_data, v_2])
             c_in, m_in = torch.cat([c_g, c_g[:k]]), cat_batches(m_g, m_k)
         # one batched set of reference sub-steps for all of them
         displacement = self._consistency_displacement(model, x_in, v_in, t_in, c_in, m_in) if lambda_c > 0 else None
@@ -131,8 +131,7 @@ class Apex(ShiftedObjective):
         else:
             loss_cons = zero
         if k:  # 7'. the same target at consistency_renoise_t on the re-noised rows
-            t_2 = t_in[n:]
-            target_2 = consistency_from_displacement(f_2, displacement[n:], v_in[n:], t_2, torch.zeros_like(t_2), clamp=p.correction_clamp)
+            target_2 = consistency_from_displacement(f_2, displacement[n:], v_2, t_2, torch.zeros_like(t_2), clamp=p.correction_clamp)
             loss_cons2 = mse(f_2, target_2).mean()
             loss_cons = loss_cons + loss_cons2
         lambda_g = p.lambda_g * ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)
