@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cache = tmp_path_factory.mktemp("classifier_cache")
-    model, info = load_or_train_classifier(cache, resolution=16)
+    model, info = load_or_train_classifier(cache, resolution=16, shipped=False)  # trained here, not the shipped one
     return cache, model, info
 
 
@@ -77,14 +78,27 @@ def test_second_load_hits_the_cache(trained):
     weights, meta = cache / "digit_classifier_v1_r16_tf0.2_split0_seed0.safetensors", cache / "digit_classifier_v1_r16_tf0.2_split0_seed0.json"
     assert str(weights) == info["weights_path"] and weights.is_file() and meta.is_file()
     before = (weights.stat().st_mtime_ns, meta.stat().st_mtime_ns)
-    again, info2 = load_or_train_classifier(cache, resolution=16)
-    assert info2["from_cache"] is True
+    again, info2 = load_or_train_classifier(cache, resolution=16, shipped=False)
+    assert info2["from_cache"] is True and info2["shipped"] is False
     assert (weights.stat().st_mtime_ns, meta.stat().st_mtime_ns) == before
     assert info2["test_accuracy"] == info["test_accuracy"]
     assert json.loads(meta.read_text())["test_accuracy"] == info["test_accuracy"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, again.state_dict()[key]), key
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]  # atomic writes left no temp files
+
+
+def test_the_default_split_scores_with_the_shipped_classifier(tmp_path):
+    """The evaluator's default classifier is the package's (the same network on every machine): loaded,
+    not trained, nothing written to the cache folder; measured here, it is a trained classifier."""
+    from apexdistill.assets import EVALUATOR
+    from apexdistill.eval.classifier import classifier_accuracy
+
+    model, info = load_or_train_classifier(tmp_path / "cache", resolution=16)
+    assert info["shipped"] is True and Path(info["weights_path"]).parent == EVALUATOR
+    assert not (tmp_path / "cache").exists()
+    test = load_digits_split("test", 16, 0.2, 0)
+    assert classifier_accuracy(model, test.images, test.labels) >= 0.95
 
 
 def test_training_is_deterministic():

@@ -1,4 +1,5 @@
-"""Files shipped inside the package: the pre-trained digits teacher (a diffusers pipeline folder)."""
+"""Files shipped inside the package: the pre-trained digits teacher (a diffusers pipeline folder) and the
+evaluator's digit classifier (so the FD proxy is the same function on every machine)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ ASSETS = Path(__file__).parent / "assets"
 BUILTIN = {"builtin:teacher": ASSETS / "teacher-digits16-sana"}
 # How the shipped teacher was made (and how to make it again):
 TEACHER_COMMAND = "apexdistill train -c jobs/configs/teacher_digits.yaml && apexdistill export-teacher"
+# The evaluator's classifier for the default split (16 px, test fraction 0.2, split and seed 0), trained
+# once by ``train_classifier`` and shipped: trained on first use instead, its float round-off (which
+# differs between CPUs) moved every FD proxy by a few percent (teacher@50: 2.92 on one machine, 3.09 on another)
+EVALUATOR = ASSETS / "evaluator"
+EVALUATOR_COMMAND = "python -c 'from apexdistill.eval.classifier import ship_classifier; ship_classifier()'"
 
 
 def resolve_model_path(path: str | None) -> str | None:

@@ -1,9 +1,10 @@
 """The digit classifier behind the quality metrics: a small CNN trained on the real train split.
 
 Its 64-d penultimate features feed the Frechet distance (FD) proxy, and its logits say whether a
-generated image shows the digit it was prompted with. Weights are cached as safetensors next to a
-JSON with the training info, keyed by everything that changes them, so every run scores with the
-same network.
+generated image shows the digit it was prompted with. The default split's classifier ships with the
+package (``assets/evaluator``), so every machine scores with the same network; other keys are trained
+on first use and cached as safetensors next to a JSON with the training info, keyed by everything
+that changes them.
 """
 
 from __future__ import annotations
@@ -189,36 +190,58 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _load_entry(weights_path: Path, info_path: Path) -> tuple[DigitClassifier, dict[str, Any]]:
+    info = json.loads(info_path.read_text())
+    model = DigitClassifier()
+    model.load_state_dict(load_file(str(weights_path)))
+    model.eval()
+    info.update(weights_path=str(weights_path), info_path=str(info_path))
+    return model, info
+
+
 def load_or_train_classifier(
     cache_dir: str | Path,
     resolution: int = 16,
     test_fraction: float = 0.2,
     split_seed: int = 0,
     seed: int = 0,
+    shipped: bool = True,
 ) -> tuple[DigitClassifier, dict[str, Any]]:
-    """The cached classifier for this resolution / split / seed, trained (and cached) on first use.
+    """The classifier for this resolution / split / seed: the one shipped with the package when there
+    is one for that key (``shipped``; the default split is), else the cached one, trained (and cached
+    in ``cache_dir``) on first use. The shipped one makes the FD proxy the same function on every
+    machine: trained here, CPU-dependent float round-off changes the features a little.
 
-    The info dict carries ``test_accuracy``, ``train_seconds``, the cache paths and ``from_cache``.
+    The info dict carries ``test_accuracy``, ``train_seconds``, the paths, ``from_cache`` and ``shipped``.
     """
     if not 8 <= int(resolution) <= 1024:
         raise ValueError(f"resolution must be between 8 and 1024 pixels, got {resolution}")
+    key = cache_key(resolution, test_fraction, split_seed, seed)
+    if shipped:
+        from apexdistill.assets import EVALUATOR, EVALUATOR_COMMAND
+
+        weights_path, info_path = EVALUATOR / f"{key}.safetensors", EVALUATOR / f"{key}.json"
+        if weights_path.is_file() or info_path.is_file():
+            try:
+                model, info = _load_entry(weights_path, info_path)
+            except Exception as exc:  # a damaged install must not silently score with another network
+                raise RuntimeError(f"the shipped evaluator classifier {weights_path} is unreadable ({exc}); "
+                                   f"reinstall the package or regenerate it with: {EVALUATOR_COMMAND}") from exc
+            info.update(from_cache=True, shipped=True)
+            return model, info
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    key = cache_key(resolution, test_fraction, split_seed, seed)
     weights_path, info_path = cache / f"{key}.safetensors", cache / f"{key}.json"
 
     if weights_path.is_file() and info_path.is_file():
         try:
-            info = json.loads(info_path.read_text())
-            model = DigitClassifier()
-            model.load_state_dict(load_file(str(weights_path)))
+            model, info = _load_entry(weights_path, info_path)
         except Exception as exc:  # a damaged cache is rebuilt, but say so
             import warnings
 
             warnings.warn(f"ignoring unreadable classifier cache {weights_path}: {exc}; retraining", stacklevel=2)
         else:
-            model.eval()
-            info.update(from_cache=True, weights_path=str(weights_path), info_path=str(info_path))
+            info.update(from_cache=True, shipped=False)
             return model, info
 
     model, info = train_classifier(resolution, test_fraction, split_seed, seed)
@@ -226,5 +249,17 @@ def load_or_train_classifier(
     # Weights first, JSON second: the JSON is the marker that a complete entry exists.
     _atomic_write(weights_path, lambda p: save_file(state, p, metadata={"cache_key": key}))
     _atomic_write(info_path, lambda p: Path(p).write_text(json.dumps(info, indent=2)))
-    info.update(from_cache=False, weights_path=str(weights_path), info_path=str(info_path))
+    info.update(from_cache=False, shipped=False, weights_path=str(weights_path), info_path=str(info_path))
     return model, info
+
+
+def ship_classifier(resolution: int = 16, test_fraction: float = 0.2, split_seed: int = 0, seed: int = 0) -> Path:
+    """Train the classifier for this key and write it into the package's ``assets/evaluator`` (how the
+    shipped one was made). Changing it changes every FD proxy: re-measure the README's tables after."""
+    from apexdistill.assets import EVALUATOR
+
+    key = cache_key(resolution, test_fraction, split_seed, seed)
+    for suffix in (".safetensors", ".json"):
+        (EVALUATOR / f"{key}{suffix}").unlink(missing_ok=True)
+    load_or_train_classifier(EVALUATOR, resolution, test_fraction, split_seed, seed, shipped=False)
+    return EVALUATOR / f"{key}.safetensors"
