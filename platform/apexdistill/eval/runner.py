@@ -41,23 +41,28 @@ class DigitsBench:
     def grid(self, models: list[tuple[str, torch.nn.Module, int, str]], path: Path, per_class: int = 1,
              timing_per_class: int | None = None, min_repeats: int = 3, min_seconds: float = 0.0) -> GridResult:
         """One row per (name, model, nfe, sampler): the ten prompts, same noise for every row. Each row's
-        sampling is timed on the same timing batch (``timing_per_class`` images per prompt), repeated
-        at least ``min_repeats`` times (and for at least ``min_seconds``), and the median is kept: the
+        sampling is timed on the same timing batch (``timing_per_class`` images per prompt) in rounds that
+        visit every row once (so a busy moment of the machine slows every row, not one of them), at least
+        ``min_repeats`` rounds (and for at least ``min_seconds``), and each row keeps its median: the
         grid's own ten images are too few to time (the same model at the same NFE read 0.81 and 1.44
-        ms/image). Default: 10 per prompt, fewer when ``eval.samples_per_class`` is smaller (tests)."""
+        ms/image), and one row timed after another read 0.57 and 0.88. Default: 10 per prompt, fewer
+        when ``eval.samples_per_class`` is smaller (tests)."""
         timing_per_class = timing_per_class or max(1, min(10, self.cfg.eval.samples_per_class))
-        rows, titles, speed = [], [], []
+        rows, titles = [], []
         common = dict(seed=self.cfg.eval.seed, batch_size=self.cfg.eval.batch_size, channels=1, resolution=self.cfg.data.resolution)
         for name, model, nfe, sampler in models:
             images, _, _ = generate(model, self.text_table, self.mask_table, nfe, sampler, samples_per_class=per_class, **common)
-            times, started = [], time.perf_counter()
-            while len(times) < min_repeats or time.perf_counter() - started < min_seconds:
-                times.append(generate(model, self.text_table, self.mask_table, nfe, sampler, samples_per_class=timing_per_class,
-                                      warmup=not times, **common)[2])
             rows.append(images)
             titles.append(f"{name} {nfe} NFE")
-            speed.append({"model": name, "nfe": int(nfe), "sampler": sampler, "ms_per_image": statistics.median(times),
-                          "timed_images": 10 * timing_per_class, "repeats": len(times)})
+        times: list[list[float]] = [[] for _ in models]
+        started = time.perf_counter()
+        while len(times[0]) < min_repeats or time.perf_counter() - started < min_seconds:
+            for row_times, (name, model, nfe, sampler) in zip(times, models):
+                row_times.append(generate(model, self.text_table, self.mask_table, nfe, sampler, samples_per_class=timing_per_class,
+                                          warmup=not row_times, **common)[2])
+        speed = [{"model": name, "nfe": int(nfe), "sampler": sampler, "ms_per_image": statistics.median(row_times),
+                  "timed_images": 10 * timing_per_class, "repeats": len(row_times)}
+                 for row_times, (name, model, nfe, sampler) in zip(times, models)]
         save_grid(torch.cat(rows), path, nrow=len(CAPTIONS) * per_class, labels_text=titles)
         return GridResult(path, speed)
 
