@@ -13,7 +13,9 @@ TEACHER_COMMAND = "apexdistill train -c jobs/configs/teacher_digits.yaml && apex
 # once by ``train_classifier`` and shipped: trained on first use instead, its float round-off (which
 # differs between CPUs) moved every FD proxy by a few percent (teacher@50: 2.92 on one machine, 3.09 on another)
 EVALUATOR = ASSETS / "evaluator"
-EVALUATOR_COMMAND = "python -c 'from apexdistill.eval.classifier import ship_classifier; ship_classifier()'"
+# (how it was made: with the two files removed, train it straight into the folder)
+EVALUATOR_COMMAND = ("python -c 'from apexdistill.assets import EVALUATOR; from apexdistill.eval.classifier import "
+                     "load_or_train_classifier as f; f(EVALUATOR, shipped=False)'")
 
 
 def resolve_model_path(path: str | None) -> str | None:

@@ -252,14 +252,3 @@ def load_or_train_classifier(
     info.update(from_cache=False, shipped=False, weights_path=str(weights_path), info_path=str(info_path))
     return model, info
 
-
-def ship_classifier(resolution: int = 16, test_fraction: float = 0.2, split_seed: int = 0, seed: int = 0) -> Path:
-    """Train the classifier for this key and write it into the package's ``assets/evaluator`` (how the
-    shipped one was made). Changing it changes every FD proxy: re-measure the README's tables after."""
-    from apexdistill.assets import EVALUATOR
-
-    key = cache_key(resolution, test_fraction, split_seed, seed)
-    for suffix in (".safetensors", ".json"):
-        (EVALUATOR / f"{key}{suffix}").unlink(missing_ok=True)
-    load_or_train_classifier(EVALUATOR, resolution, test_fraction, split_seed, seed, shipped=False)
-    return EVALUATOR / f"{key}.safetensors"
