@@ -87,6 +87,25 @@ def test_asha_stops_a_bad_trial_early(tmp_path, workdir):
     assert any(r.params["train.lr"] == 0.01 for r in stopped)
 
 
+def test_an_optuna_sweep_with_in_training_scores_runs_to_the_end(tmp_path, workdir):
+    """Optuna with ``eval_every`` (the shape of sweeps/apex_recipe.yaml): the progress reports between two
+    scores carry no metric, which OptunaSearch used to index and fail on (KeyError, the sweep ended)."""
+    cfg = _base(workdir)
+    path = _write(tmp_path, "optuna", {
+        "name": "optuna", "budget": {"steps": 4}, "eval_every": 2, "search": "optuna", "num_samples": 2,
+        "overrides": ["train.log_every=1"],  # progress reports at steps 1 and 3, between the scores
+        "space": {"train.lr": {"loguniform": [1e-4, 1e-3]}}, "max_concurrent": 2,
+        "resources": {"workers": 1, "cpus_per_worker": 0.35}})
+    rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
+    assert len(rows) == 2 and all(r.status == "finished" and r.metric is not None for r in rows), rows
+    assert all(1e-4 <= r.params["train.lr"] <= 1e-3 for r in rows)
+    client, children = _children(cfg, _parent_id(cfg, "optuna"))
+    assert len(children) == 2
+    for c in children:  # the in-training score at step 2 and the final one reached the store
+        steps = sorted(m.step for m in client.get_metric_history(c.info.run_id, "eval/fd_1nfe"))
+        assert steps[0] == 2 and steps[-1] == 4, steps
+
+
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, workdir):
     cfg_path = tmp_path / "base.yaml"
     cfg = _base(workdir)

@@ -175,9 +175,9 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
     else:
         search_alg = None
         if sweep.search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
+            from apexdistill.tune.searchers import ScoredOptunaSearch
 
-            search_alg = OptunaSearch(seed=cfg.run.seed)
+            search_alg = ScoredOptunaSearch(seed=cfg.run.seed)
         scheduler = None
         if sweep.scheduler is not None:
             from ray.tune.schedulers import ASHAScheduler
