@@ -4,7 +4,8 @@
 parallel strategy (``train.strategy``: none, ddp, fsdp2, deepspeed), resumes from
 ``ray.train.get_checkpoint()`` when there is one, trains, logs to MLflow from rank 0, and reports
 metrics and checkpoints with ``ray.train.report``. ``TorchTrainer`` runs it in local mode
-(``num_workers=0``, in the driver process) or on N workers; the loop is the same.
+(``num_workers=0``, in the driver process) or on N workers; a sweep trial with no workers runs it in
+the trial's own process and reports to Ray Tune (``train/session.py``); the loop is the same.
 
 Checkpoints are written by every rank into one folder (each rank its RNG state, sharded strategies
 their shards), published with an atomic rename by rank 0, and reported to Ray, which copies them to
@@ -26,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray.train
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -35,6 +35,7 @@ from apexdistill.config import Config
 from apexdistill.method.base import build_objective
 from apexdistill.models.build import build_backbone
 from apexdistill.train.data import DataShapes, shard_batches
+from apexdistill.train.session import RayTrainSession
 from apexdistill.train.storage import RunStorage, publish_remote, write_pointer
 from apexdistill.train.strategy import Strategy, barrier, build_strategy, distributed
 
@@ -144,17 +145,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def find_resume_checkpoint(run_dir: Path) -> ray.train.Checkpoint | None:
+def find_resume_checkpoint(run_dir: Path, session: Any) -> Any:
     """Ray's checkpoint on a restarted run; in local mode (no Ray storage) the run folder's latest."""
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.get_checkpoint()
     if ckpt is not None:
         return ckpt
     local = latest_checkpoint(run_dir)
-    return ray.train.Checkpoint.from_directory(str(local)) if local is not None else None
+    return session.checkpoint(local) if local is not None else None
 
 
 @contextlib.contextmanager
-def resume_checkpoint(run_dir: Path, storage: Any = None) -> Any:
+def resume_checkpoint(run_dir: Path, session: Any, storage: Any = None) -> Any:
     """(local folder, where it came from) of the checkpoint to resume from, or None. On object storage
     Ray's checkpoint is a pointer to a published step folder; when that folder is gone or incomplete
     (pruned, a publish that died), or Ray has none, the newest complete one on the storage counts."""
@@ -163,7 +164,7 @@ def resume_checkpoint(run_dir: Path, storage: Any = None) -> Any:
     from apexdistill.train.storage import POINTER
 
     if storage is None:
-        ckpt = find_resume_checkpoint(run_dir)
+        ckpt = find_resume_checkpoint(run_dir, session)
         if ckpt is None:
             yield None
             return
@@ -171,7 +172,7 @@ def resume_checkpoint(run_dir: Path, storage: Any = None) -> Any:
             yield Path(folder), ckpt.path
         return
     target = None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as folder:
             pointer = Path(folder) / POINTER
@@ -242,15 +243,12 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _device(cfg: Config) -> torch.device:
+def _device(cfg: Config, session: Any) -> torch.device:
     if not cfg.train.use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("train.use_gpu=true but this worker sees no CUDA device")
-    try:
-        return ray.train.torch.get_device()
-    except Exception:  # noqa: BLE001 - local mode
-        return torch.device("cuda", 0)
+    return session.cuda_device()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -421,18 +419,20 @@ def keep_initial_weights(cfg: Config, backbone: torch.nn.Module) -> dict[str, to
     return {n: p.detach().clone() for n, p in backbone.named_parameters() if p.requires_grad}
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def train_loop_per_worker(loop_config: dict[str, Any], session: Any = None) -> None:
+    """The loop of one worker; ``session`` (``train.session``) is where it runs: a Ray Train worker
+    unless told otherwise."""
     cfg = Config.model_validate(loop_config["config"])
     _PROGRESS["file"] = Path(loop_config["progress_file"]) if loop_config.get("progress_file") else None
     _quiet_report_lines()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = session or RayTrainSession()
+    rank, world = session.rank, session.world
     run_dir = Path(loop_config["run_dir"])
-    device = _device(cfg)
+    device = _device(cfg, session)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (FSDP2 keeps each rank's own shard)
 
     shapes = DataShapes(**loop_config["shapes"])
-    batches = shard_batches(ray.train.get_dataset_shard("train"), cfg, shapes.rows // world, loop_config["row_bytes"], cfg.run.seed + 1000 * rank,
+    batches = shard_batches(session.dataset_shard("train"), cfg, shapes.rows // world, loop_config["row_bytes"], cfg.run.seed + 1000 * rank,
                             shapes)
     if getattr(batches, "left_out", None):
         left = ", ".join(f"{shapes.buckets[b][0]}x{shapes.buckets[b][1]} ({shapes.bucket_rows[b]} rows)" for b in batches.left_out)
@@ -458,7 +458,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     step, trained_seconds = 0, 0.0
     storage = RunStorage.from_config(cfg)
-    with resume_checkpoint(run_dir, storage) as resume:
+    with resume_checkpoint(run_dir, session, storage) as resume:
         if resume is not None:
             folder, where = resume
             state = json.loads((folder / CHECKPOINT_STATE).read_text())
@@ -481,14 +481,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return {"step": step, "trained_seconds": trained_seconds + time.time() - started, "objective": cfg.objective.name,
                 "strategy": cfg.train.strategy, "world_size": world, "identity": run_identity(cfg)}
 
-    def checkpoint(final: bool) -> ray.train.Checkpoint | None:
+    def checkpoint(final: bool) -> Any:
         state = trainer_state()
         write = lambda tmp: write_checkpoint(tmp, strategy, batches, state, final)  # noqa: E731
         if storage is not None:  # published on object storage; Ray keeps a pointer to it
             uri = publish_remote(storage, step, write, keep=cfg.train.num_to_keep, rank=rank)
-            return ray.train.Checkpoint.from_directory(str(write_pointer(run_dir, uri, step))) if rank == 0 else None
+            return session.checkpoint(write_pointer(run_dir, uri, step)) if rank == 0 else None
         folder = publish_checkpoint(run_dir, step, write, keep=cfg.train.num_to_keep, rank=rank)
-        return ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None
+        return session.checkpoint(folder) if rank == 0 else None
 
     started, window_start, window_steps = time.time(), time.time(), 0
     metrics: dict[str, float] = {}
@@ -534,9 +534,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if cfg.tracking.sample_every and step % cfg.tracking.sample_every == 0 and not last:
             sampler(strategy.backbone, step)
         if periodic:  # every rank reports, rank 0 attaches the checkpoint
-            ray.train.report({**metrics, "step": step}, checkpoint=checkpoint(final=False))
+            session.report({**metrics, "step": step}, checkpoint=checkpoint(final=False))
         elif logged and not last:
-            ray.train.report({**metrics, "step": step})
+            session.report({**metrics, "step": step})
         if last:
             break
 
@@ -544,5 +544,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sampler(strategy.backbone, step)
     final_ckpt = checkpoint(final=True)
     trained_seconds += time.time() - started
-    ray.train.report({**metrics, "step": step, "trained_seconds": trained_seconds}, checkpoint=final_ckpt)
+    session.report({**metrics, "step": step, "trained_seconds": trained_seconds}, checkpoint=final_ckpt)
     _log(rank, f"[train] done: {step} steps in {_fmt_eta(trained_seconds)}")
