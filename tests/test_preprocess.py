@@ -277,6 +277,16 @@ def test_digits_cache_matches_direct_encoding_then_hits_and_survives_a_crashed_r
     # the cache streams through Ray Data as training will read it
     batch = next(iter(read_cache(cold.uri).iter_torch_batches(batch_size=8)))
     assert batch["x"].shape == (8, 1, 16, 16) and batch["text"].shape == (8, 16, 384)
+    # read into this process instead (a sweep trial training itself): the same in-memory rows, in order
+    from apexdistill.data.preprocess import read_cache_tables
+    from apexdistill.train.data import LocalRows, shard_batches
+
+    train_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"in_memory_max_mb": 64})})
+    via_ray = shard_batches(read_cache(cold.uri), train_cfg, cold.rows, 10, seed=0)
+    local = shard_batches(LocalRows(read_cache_tables(cold.uri)), train_cfg, cold.rows, 10, seed=0)
+    assert local.n == via_ray.n == cold.rows and sorted(local.rows) == sorted(via_ray.rows)
+    for k in via_ray.rows:
+        assert torch.equal(local.rows[k], via_ray.rows[k]), k
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)

@@ -74,8 +74,8 @@ def test_named_sana_set_and_size_checks(tmp_path, photo_folder):
 
 @pytest.mark.timeout(240)
 def test_photos_land_in_their_buckets_and_batches_never_mix(tmp_path, photo_folder, photos, bucket_photos):
-    from apexdistill.data.preprocess import load_cache_tensors, prepare_image, read_cache, run_preprocess
-    from apexdistill.train.data import BucketedInMemoryBatches, BucketedStreamingBatches, DataShapes, shard_batches
+    from apexdistill.data.preprocess import load_cache_tensors, prepare_image, read_cache, read_cache_tables, run_preprocess
+    from apexdistill.train.data import BucketedInMemoryBatches, BucketedStreamingBatches, DataShapes, LocalRows, shard_batches
     from apexdistill.train.driver import ensure_ray
 
     ensure_ray()
@@ -128,6 +128,13 @@ def test_photos_land_in_their_buckets_and_batches_never_mix(tmp_path, photo_fold
     assert np.allclose(share, [2 / 7, 2 / 7, 3 / 7], atol=0.08), share
     ranks[0].resume_at(10)
     assert ranks[0].schedule.bucket(ranks[0].draw) == seen[1][10]  # a resumed run continues the sequence
+    # a sweep trial that trains in its own process reads the tables itself (LocalRows): the same rows
+    local = shard_batches(LocalRows(read_cache_tables(info.uri)), cfg, info.rows, 10, seed=0, shapes=shapes)
+    via_ray = shard_batches(read_cache(info.uri), cfg, info.rows, 10, seed=0, shapes=shapes)
+    assert isinstance(local, BucketedInMemoryBatches) and sorted(local.by_bucket) == sorted(via_ray.by_bucket) == [0, 1, 2]
+    for b in range(3):
+        for k in via_ray.by_bucket[b]:
+            assert torch.equal(local.by_bucket[b][k], via_ray.by_bucket[b][k]), (b, k)
 
     # the streaming sampler (shard larger than data.in_memory_max_mb) keeps buckets apart as well
     stream = shard_batches(read_cache(info.uri), cfg.model_copy(update={"data": cfg.data.model_copy(update={"in_memory_max_mb": 0})}),

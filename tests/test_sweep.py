@@ -79,7 +79,7 @@ def test_asha_stops_a_bad_trial_early(tmp_path, workdir):
     path = _write(tmp_path, "asha", {
         "name": "asha", "budget": {"steps": 12}, "eval_every": 4,
         "space": {"train.lr": {"grid": [1e-4, 0.01]}}, "scheduler": {"grace_period": 4, "reduction_factor": 2},
-        "max_concurrent": 1, "resources": {"workers": 1, "cpus_per_worker": 0.45}})
+        "max_concurrent": 1, "resources": {"workers": 0, "cpus_per_worker": 0.45}})
     rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
     stopped = [r for r in rows if r.status == "stopped early"]
     assert stopped, [(r.params, r.status, r.steps) for r in rows]
@@ -111,7 +111,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     cfg = _base(workdir)
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     sweep = _write(tmp_path, "resume", {"name": "resume", "budget": {"steps": 20}, "space": {"train.lr": {"grid": [1e-4, 2e-4]}},
-                                         "max_concurrent": 1, "resources": {"workers": 1, "cpus_per_worker": 0.45}})
+                                         "max_concurrent": 1, "resources": {"workers": 0, "cpus_per_worker": 0.45}})
     cmd = [sys.executable, "-m", "apexdistill.cli", "sweep", "-c", str(cfg_path), "-s", str(sweep)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

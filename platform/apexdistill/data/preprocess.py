@@ -680,20 +680,34 @@ def read_cache(uri: str, columns: Sequence[str] | None = TRAIN_COLUMNS, in_drive
     trials that hold most CPUs of a small machine cannot starve it (Ray Data's file-listing and read
     tasks take a whole CPU each, whatever ``ray_remote_args`` say)."""
     fs, folder, manifest = _open_cache(uri)
-    paths = [posixpath.join(folder, f["path"]) for f in manifest["files"]]
+    if worker_visible(fs) and not in_driver:
+        cols = _cache_columns(manifest, columns)
+        ds = ray.data.read_parquet([posixpath.join(folder, f["path"]) for f in manifest["files"]], filesystem=arrow_fs(fs))
+        return ds.select_columns(cols) if cols else ds
+    return ray.data.from_arrow(read_cache_tables(uri, columns))  # process-local store: the driver reads, Ray ships the blocks
+
+
+def _cache_columns(manifest: dict[str, Any], columns: Sequence[str] | None) -> list[str] | None:
     cols = list(columns) if columns is not None else None
     if cols is not None and manifest.get("buckets") and "bucket" not in cols:
         cols.append("bucket")  # training draws each batch from one bucket
-    if worker_visible(fs) and not in_driver:
-        ds = ray.data.read_parquet(paths, filesystem=arrow_fs(fs))
-        return ds.select_columns(cols) if cols else ds
+    return cols
+
+
+def read_cache_tables(uri: str, columns: Sequence[str] | None = TRAIN_COLUMNS) -> list[Any]:
+    """A cache folder read into this process with pyarrow: one table per file, in manifest order
+    (the columns of ``read_cache``). No Ray Data task runs."""
     import pyarrow.parquet as pq
 
+    import ray.data  # noqa: F401  (registers Ray's tensor extension type so tensor columns convert)
+
+    fs, folder, manifest = _open_cache(uri)
+    cols = _cache_columns(manifest, columns)
     tables = []
-    for p in paths:  # process-local store: the driver reads, Ray ships the blocks
-        with fs.open(p, "rb") as fh:
+    for f in manifest["files"]:
+        with fs.open(posixpath.join(folder, f["path"]), "rb") as fh:
             tables.append(pq.read_table(fh, columns=cols))
-    return ray.data.from_arrow(tables)
+    return tables
 
 
 def distinct_captions(uri: str, limit: int, with_states: bool = False) -> list[dict[str, Any]]:

@@ -147,6 +147,30 @@ def _rows_by_bucket(batches: Iterator[dict[str, np.ndarray]], n_buckets: int) ->
     return out
 
 
+class LocalRows:
+    """A small cache already read into this process (pyarrow tables, ``read_cache_tables``), with the
+    part of a Ray Dataset's iterator API that the in-memory batch sources use. A sweep trial that
+    trains in its own process reads through it: no Ray Data task has to find a free CPU while the
+    trials hold them all. Batches convert with Ray Data's own block conversion, so they are what
+    ``iter_batches``/``iter_torch_batches`` of the same tables give."""
+
+    def __init__(self, tables: list[Any]) -> None:
+        self.tables = tables
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy") -> Iterator[dict[str, np.ndarray]]:
+        from ray.data.block import BlockAccessor
+
+        if batch_format != "numpy":
+            raise ValueError(f"LocalRows gives numpy batches, not {batch_format!r}")
+        for table in self.tables:
+            for start in range(0, table.num_rows, batch_size):
+                yield BlockAccessor.for_block(table.slice(start, batch_size)).to_batch_format("numpy")
+
+    def iter_torch_batches(self, batch_size: int) -> Iterator[dict[str, Tensor]]:
+        for batch in self.iter_batches(batch_size):
+            yield {k: torch.as_tensor(v) for k, v in batch.items()}
+
+
 def bucket_weights(local_counts: list[int]) -> tuple[list[int], list[int]]:
     """(weights, left-out buckets): rows per bucket summed over ranks, 0 for a bucket that some rank's
     shard has no row of. Every rank gets the same answer (all-reduced counts)."""

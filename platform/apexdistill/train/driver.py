@@ -246,18 +246,21 @@ def log_eval_rows(logger: Any, rows: list[Any], floor_fd: float | None = None, p
 
 
 def run_training(cfg: Config, address: str | None = None, evaluate: bool | None = None, parent_run_id: str | None = None,
-                 train_callbacks: list[Any] | None = None, run_tags: dict[str, str] | None = None) -> TrainResult:
+                 train_callbacks: list[Any] | None = None, run_tags: dict[str, str] | None = None,
+                 tune_trial: bool = False) -> TrainResult:
     """Preprocess (a cache hit costs milliseconds), open the MLflow run, fit, evaluate, close the run.
 
     ``evaluate``: score the final weights on the built-in digits (default: when the data is the digits
     and ``eval.at_end`` is set). ``parent_run_id`` makes the MLflow run a child (sweep trials);
-    ``train_callbacks`` go to ``RunConfig(callbacks=...)`` (Tune's report callback)."""
+    ``train_callbacks`` go to ``RunConfig(callbacks=...)`` (Tune's report callback). ``tune_trial``:
+    this process is a Ray Tune trial; with ``train.num_workers=0`` the loop then runs here and reports
+    to Tune itself (``train/session.py``), with no worker group to start."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from apexdistill.data.preprocess import read_cache, run_preprocess
+    from apexdistill.data.preprocess import read_cache, read_cache_tables, run_preprocess
     from apexdistill.tracking import RUN_FILE, RunLogger, close_run, open_run, redact_uri
-    from apexdistill.train.data import DataShapes, row_bytes
+    from apexdistill.train.data import DataShapes, LocalRows, row_bytes
     from apexdistill.train.loop import latest_checkpoint, train_loop_per_worker
     from apexdistill.train.storage import RunStorage
 
@@ -306,17 +309,23 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     from apexdistill.console import PROGRESS_FILE, ProgressRelay, verbose
 
     loop_progress = not verbose()
-    trainer = TorchTrainer(
+    loop_config = {
+        "config": cfg.model_dump(mode="json"), "run_dir": str(out), "shapes": shapes.__dict__,
+        "row_bytes": row_bytes(cache.manifest), "tracking": handle.as_dict() if handle else None,
+        "sample_prompts": sample_prompts(cfg, cache.uri) if handle or cfg.eval.every else None,
+        "negative": negative_embedding(cache.uri),
+        # quiet mode: Ray forwards no worker output; rank 0 appends its progress here and we print it
+        "progress_file": str(out / PROGRESS_FILE) if loop_progress else None,
+    }
+    in_trial = tune_trial and workers == 0
+    if in_trial and in_driver:  # read here, iterated here: no Ray Data task waits for a CPU the trials hold
+        datasets = {"train": LocalRows(read_cache_tables(cache.uri))}
+    else:
+        datasets = {"train": read_cache(cache.uri, in_driver=in_driver)}
+    trainer = None if in_trial else TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"), "run_dir": str(out), "shapes": shapes.__dict__,
-            "row_bytes": row_bytes(cache.manifest), "tracking": handle.as_dict() if handle else None,
-            "sample_prompts": sample_prompts(cfg, cache.uri) if handle or cfg.eval.every else None,
-            "negative": negative_embedding(cache.uri),
-            # quiet mode: Ray forwards no worker output; rank 0 appends its progress here and we print it
-            "progress_file": str(out / PROGRESS_FILE) if loop_progress else None,
-        },
-        datasets={"train": read_cache(cache.uri, in_driver=in_driver)},
+        train_loop_config=loop_config,
+        datasets=datasets,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu and workers > 0, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -331,14 +340,22 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     started = time.time()
     try:
         with ProgressRelay(out) if loop_progress else contextlib.nullcontext():
-            result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+            if trainer is None:
+                from apexdistill.train.session import TuneTrialSession
+
+                session = TuneTrialSession(datasets)
+                train_loop_per_worker(loop_config, session)
+                reported, last_checkpoint = session.last_metrics, session.last_checkpoint
+            else:
+                result = trainer.fit()
+                if result.error is not None:
+                    raise result.error
+                reported, last_checkpoint = result.metrics, result.checkpoint
     except BaseException as exc:
         if handle is not None:
             close_run(handle, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    if result.checkpoint is None:
+    if last_checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
     # local mode reports the folder we published; with workers Ray also has a copy under storage_path
     if storage is not None:
@@ -347,9 +364,9 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
             raise RuntimeError(f"run {cfg.run.name} finished without a complete checkpoint under {storage.run_uri}")
         checkpoint, checkpoint_uri = None, storage.to_uri(latest)
     else:
-        checkpoint = latest_checkpoint(out) or Path(result.checkpoint.path)
+        checkpoint = latest_checkpoint(out) or Path(last_checkpoint.path)
         checkpoint_uri = str(checkpoint)
-    metrics = dict(result.metrics or {})
+    metrics = dict(reported or {})
     rows: list[Any] = []
     if logger is not None:
         logger.set_tags({"apexdistill.checkpoint": checkpoint_uri})

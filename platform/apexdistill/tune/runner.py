@@ -1,9 +1,10 @@
 """`apexdistill sweep`: Ray Tune over config keys, one MLflow parent run with a child run per trial.
 
-Each trial is a small Tune function (the "driver", RAY_NOTES.md's Train V2 pattern) that builds the
-trial's config and calls ``run_training``, which fits a ``TorchTrainer`` whose ``TuneReportCallback``
-forwards the workers' reports (the in-training scores of ``eval_every``) to Tune, so ASHA can stop
-poor trials. The trial's MLflow run is a child of the sweep's parent run (``mlflow.parentRunId``).
+Each trial is a small Tune function that builds the trial's config and calls ``run_training``. With
+``resources.workers: 0`` (the default) the trial trains in its own process and reports to Tune itself
+(``train/session.py``); with workers it is the "driver" of RAY_NOTES.md's Train V2 pattern, fitting a
+``TorchTrainer`` whose ``TuneReportCallback`` forwards the workers' reports. Either way the in-training
+scores of ``eval_every`` reach Tune, so ASHA can stop poor trials. The trial's MLflow run is a child of the sweep's parent run (``mlflow.parentRunId``).
 Run names are stable (``<sweep>-<trial id>``), so an interrupted sweep resumed with the same command
 (``Tuner.restore``) re-opens unfinished trials where their checkpoints left them and never re-runs
 finished ones.
@@ -54,7 +55,8 @@ def sweep_dir(cfg: Config, sweep: SweepConfig) -> Path:
 
 
 def _trial(params: dict[str, Any], base: dict[str, Any], sweep_data: dict[str, Any], parent: dict[str, str] | None) -> None:
-    """One trial: build its config, fit its TorchTrainer (metrics stream to Tune), report the final scores."""
+    """One trial: build its config, train (in this process, or a TorchTrainer's workers whose metrics
+    stream to Tune), report the final scores."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -64,7 +66,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], sweep_data: dict[str, A
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = build_config(base, [*sweep.trial_overrides(params), f"run.name={sweep.name}-{trial_id}"])
     result = run_training(cfg, evaluate=True, parent_run_id=parent["run_id"] if parent else None,
-                          train_callbacks=[TuneReportCallback()], run_tags={"apexdistill.sweep": sweep.name,
+                          train_callbacks=[TuneReportCallback()] if sweep.resources.workers else None, tune_trial=True, run_tags={"apexdistill.sweep": sweep.name,
                                                                             "apexdistill.trial_id": trial_id})
     final: dict[str, Any] = {"step": int(result.metrics.get("step", 0)), "final": 1, **eval_metrics(result.eval_rows)}
     if result.mlflow_run_id:
@@ -164,7 +166,7 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), sweep_data=sweep.model_dump(mode="json"), parent=parent),
-        {"CPU": sweep.resources.driver_cpus},
+        sweep.resources.trial_resources(),
     )
     storage = Path(cfg.run.workdir).resolve() / "tune"
     path = storage / sweep.name

@@ -13,7 +13,7 @@
     num_samples: 1                                    # grid: repeats of the grid; random/optuna: trials
     scheduler: {name: asha, grace_period: 100, reduction_factor: 2}   # optional; time unit = training steps
     max_concurrent: 2
-    resources: {workers: 1, cpus_per_worker: 0.45, use_gpu: false, driver_cpus: 0.1}
+    resources: {workers: 0, cpus_per_worker: 0.45, use_gpu: false, driver_cpus: 0.1}   # 0: the trial trains itself
     eval_every: 100                                   # in-training scores every N steps (what ASHA sees)
 """
 
@@ -48,10 +48,17 @@ class Scheduler(_Strict):
 
 
 class Resources(_Strict):
-    workers: int = Field(1, ge=1, description="Ray Train workers per trial")
+    workers: int = Field(0, ge=0, description="Ray Train workers per trial; 0 = the trial trains in its own process "
+                                              "(no worker group to start; its CPUs/GPU are a worker's)")
     cpus_per_worker: float = Field(0.45, gt=0)
-    use_gpu: bool = Field(False, description="one GPU per worker: one trial per GPU with workers=1")
-    driver_cpus: float = Field(0.1, gt=0, description="the trial's driver (it only waits on its TorchTrainer)")
+    use_gpu: bool = Field(False, description="one GPU per worker (workers=0: the trial's own): one trial per GPU with workers<=1")
+    driver_cpus: float = Field(0.1, gt=0, description="the trial's driver when it has workers (it only waits on its TorchTrainer)")
+
+    def trial_resources(self) -> dict[str, float]:
+        """What Tune reserves for a trial: its driver's CPUs, or, training itself, a worker's."""
+        if self.workers:
+            return {"CPU": self.driver_cpus}
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
 
 
 class SweepConfig(_Strict):
@@ -120,6 +127,8 @@ class SweepConfig(_Strict):
         res = [f"train.num_workers={r.workers}", f"train.cpus_per_worker={r.cpus_per_worker}", f"train.use_gpu={str(r.use_gpu).lower()}"]
         if r.workers > 1:
             res.append("train.strategy=ddp")
+        elif r.workers == 0:  # one process, no process group (a base config's ddp would be refused)
+            res.append("train.strategy=none")
         evaluation = [f"eval.every={self.eval_every}"] if self.eval_every else []
         if self.experiment:
             evaluation.append(f"tracking.experiment={self.experiment}")
