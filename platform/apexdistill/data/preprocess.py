@@ -684,7 +684,7 @@ def read_cache(uri: str, columns: Sequence[str] | None = TRAIN_COLUMNS, in_drive
         cols = _cache_columns(manifest, columns)
         ds = ray.data.read_parquet([posixpath.join(folder, f["path"]) for f in manifest["files"]], filesystem=arrow_fs(fs))
         return ds.select_columns(cols) if cols else ds
-    return ray.data.from_arrow(read_cache_tables(uri, columns))  # process-local store: the driver reads, Ray ships the blocks
+    return ray.data.from_arrow(_read_tables(fs, folder, manifest, columns))  # process-local store: the driver reads, Ray ships the blocks
 
 
 def _cache_columns(manifest: dict[str, Any], columns: Sequence[str] | None) -> list[str] | None:
@@ -697,11 +697,14 @@ def _cache_columns(manifest: dict[str, Any], columns: Sequence[str] | None) -> l
 def read_cache_tables(uri: str, columns: Sequence[str] | None = TRAIN_COLUMNS) -> list[Any]:
     """A cache folder read into this process with pyarrow: one table per file, in manifest order
     (the columns of ``read_cache``). No Ray Data task runs."""
-    import pyarrow.parquet as pq
-
     import ray.data  # noqa: F401  (registers Ray's tensor extension type so tensor columns convert)
 
-    fs, folder, manifest = _open_cache(uri)
+    return _read_tables(*_open_cache(uri), columns)
+
+
+def _read_tables(fs: Any, folder: str, manifest: dict[str, Any], columns: Sequence[str] | None) -> list[Any]:
+    import pyarrow.parquet as pq
+
     cols = _cache_columns(manifest, columns)
     tables = []
     for f in manifest["files"]:
