@@ -287,6 +287,16 @@ def test_digits_cache_matches_direct_encoding_then_hits_and_survives_a_crashed_r
     assert local.n == via_ray.n == cold.rows and sorted(local.rows) == sorted(via_ray.rows)
     for k in via_ray.rows:
         assert torch.equal(local.rows[k], via_ray.rows[k]), k
+    # Ray Train workers take an equal, strided share each (3 ranks: the remainder row is dropped)
+    shards = [shard_batches(LocalRows(read_cache_tables(cold.uri)).shard(r, 3), train_cfg, cold.rows // 3, 10, seed=0)
+              for r in range(3)]
+    keep = cold.rows // 3
+    assert [b.n for b in shards] == [keep] * 3
+    for r, b in enumerate(shards):
+        for k in via_ray.rows:
+            assert torch.equal(b.rows[k], local.rows[k][r::3][:keep]), (r, k)
+    with pytest.raises(ValueError, match="rank 3 is not in a world of 3"):
+        LocalRows([]).shard(3, 3)
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)

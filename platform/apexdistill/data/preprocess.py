@@ -671,16 +671,17 @@ def _open_cache(uri: str) -> tuple[Any, str, dict[str, Any]]:
     return fs, folder, manifest
 
 
-def read_cache(uri: str, columns: Sequence[str] | None = TRAIN_COLUMNS, in_driver: bool = False) -> "ray.data.Dataset":
+def read_cache(uri: str, columns: Sequence[str] | None = TRAIN_COLUMNS) -> "ray.data.Dataset":
     """A cache folder (``CacheInfo.uri``) -> a Ray Dataset for ``TorchTrainer(datasets=...)``.
 
     By default only the tensor columns (``TRAIN_COLUMNS``), so ``iter_torch_batches`` works as is;
-    ``columns=None`` keeps ``caption`` and ``row_id`` too. ``in_driver=True`` (small caches) reads the
-    files here and hands Ray the blocks: no read task needs a CPU, so training workers and sweep
-    trials that hold most CPUs of a small machine cannot starve it (Ray Data's file-listing and read
-    tasks take a whole CPU each, whatever ``ray_remote_args`` say)."""
+    ``columns=None`` keeps ``caption`` and ``row_id`` too. A cache on a process-local store
+    (``memory://``) is read here and Ray ships the blocks. Small caches are better read with
+    ``read_cache_tables`` (what training does): Ray Data's file-listing and read tasks take a whole
+    CPU each, whatever ``ray_remote_args`` say, and workers holding most CPUs of a small machine
+    would starve them."""
     fs, folder, manifest = _open_cache(uri)
-    if worker_visible(fs) and not in_driver:
+    if worker_visible(fs):
         cols = _cache_columns(manifest, columns)
         ds = ray.data.read_parquet([posixpath.join(folder, f["path"]) for f in manifest["files"]], filesystem=arrow_fs(fs))
         return ds.select_columns(cols) if cols else ds

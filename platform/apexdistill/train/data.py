@@ -1,9 +1,10 @@
 """Training batches for the worker loop, read from the preprocessed Parquet cache.
 
-Each worker gets its shard with ``ray.train.get_dataset_shard("train")``. A shard that fits in
-memory (``data.in_memory_max_mb``) is read once and then sampled from RAM, so small datasets like
-the built-in digits pay Ray Data's per-epoch start-up once; larger shards stream epoch by epoch
-with ``iter_torch_batches`` and a local shuffle buffer.
+A cache that fits in memory (``data.in_memory_max_mb``) is read once by the driver and put in the
+object store; each worker takes its equal, strided share (``LocalRows.shard``) and samples from RAM.
+Larger caches go to the workers as Ray Data shards (``ray.train.get_dataset_shard("train")``); a
+shard that fits in memory is read once, larger ones stream epoch by epoch with
+``iter_torch_batches`` and a local shuffle buffer.
 
 With aspect-ratio buckets (``data.buckets``) every batch comes from one bucket. Which one is decided
 by a ``BucketSchedule`` that every rank computes alike (seeded by ``run.seed`` and the draw number,
@@ -149,13 +150,34 @@ def _rows_by_bucket(batches: Iterator[dict[str, np.ndarray]], n_buckets: int) ->
 
 class LocalRows:
     """A small cache already read into this process (pyarrow tables, ``read_cache_tables``), with the
-    part of a Ray Dataset's iterator API that the in-memory batch sources use. A sweep trial that
-    trains in its own process reads through it: no Ray Data task has to find a free CPU while the
-    trials hold them all. Batches convert with Ray Data's own block conversion, so they are what
+    part of a Ray Dataset's iterator API that the in-memory batch sources use. Every small cache is
+    trained from it: a sweep trial that trains in its own process reads it directly, and Ray Train
+    workers take their ``shard`` of the tables the driver put in the object store. No Ray Data task
+    has to find a free CPU while the workers or trials hold them all, and a fit starts no dataset
+    actors. Batches convert with Ray Data's own block conversion, so they are what
     ``iter_batches``/``iter_torch_batches`` of the same tables give."""
 
     def __init__(self, tables: list[Any]) -> None:
         self.tables = tables
+
+    def shard(self, rank: int, world: int) -> "LocalRows":
+        """Rank ``rank``'s equal share of ``world``: rows rank, rank + world, ... (in manifest order), the
+        first ``rows // world`` of them, like Ray Data's ``streaming_split(equal=True)`` drops the
+        remainder. Strided, so every rank gets rows of every file (and of every bucket that has at least
+        ``world`` rows)."""
+        import pyarrow as pa
+
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
+        keep = sum(t.num_rows for t in self.tables) // world
+        out, offset, taken = [], 0, 0
+        for table in self.tables:
+            idx = np.arange((rank - offset) % world, table.num_rows, world)[: keep - taken]
+            if len(idx):
+                out.append(table.take(pa.array(idx)))
+                taken += len(idx)
+            offset += table.num_rows
+        return LocalRows(out)
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy") -> Iterator[dict[str, np.ndarray]]:
         from ray.data.block import BlockAccessor

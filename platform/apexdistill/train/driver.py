@@ -318,10 +318,14 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
         "progress_file": str(out / PROGRESS_FILE) if loop_progress else None,
     }
     in_trial = tune_trial and workers == 0
+    datasets: dict[str, Any] | None
     if in_trial and in_driver:  # read here, iterated here: no Ray Data task waits for a CPU the trials hold
         datasets = {"train": LocalRows(read_cache_tables(cache.uri))}
+    elif in_driver:  # read here once, into the object store; each worker takes its share (no dataset actors to start)
+        loop_config["local_rows"] = ray.put(read_cache_tables(cache.uri))
+        datasets = None
     else:
-        datasets = {"train": read_cache(cache.uri, in_driver=in_driver)}
+        datasets = {"train": read_cache(cache.uri)}
     trainer = None if in_trial else TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -425,7 +425,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: Any = None) -> N
     cfg = Config.model_validate(loop_config["config"])
     _PROGRESS["file"] = Path(loop_config["progress_file"]) if loop_config.get("progress_file") else None
     _quiet_report_lines()
-    session = session or RayTrainSession()
+    session = session or RayTrainSession(loop_config.get("local_rows"))
     rank, world = session.rank, session.world
     run_dir = Path(loop_config["run_dir"])
     device = _device(cfg, session)

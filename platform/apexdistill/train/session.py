@@ -19,14 +19,25 @@ import torch
 
 
 class RayTrainSession:
-    def __init__(self) -> None:
+    """``local_rows``: a small cache the driver read and put in the object store (a reference to its
+    pyarrow tables); each rank then takes its share of it (``LocalRows.shard``) instead of a Ray Data
+    shard, so the fit starts no dataset actors. Without it, the trainer's ``datasets`` are used."""
+
+    def __init__(self, local_rows: Any = None) -> None:
         import ray.train
 
         self._train = ray.train
+        self._local_rows = local_rows
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
 
     def dataset_shard(self, name: str) -> Any:
+        if self._local_rows is not None:
+            import ray
+
+            from apexdistill.train.data import LocalRows
+
+            return LocalRows(ray.get(self._local_rows)).shard(self.rank, self.world)
         return self._train.get_dataset_shard(name)
 
     def get_checkpoint(self) -> Any:
