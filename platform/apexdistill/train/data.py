@@ -189,8 +189,8 @@ class LocalRows:
                 yield BlockAccessor.for_block(table.slice(start, batch_size)).to_batch_format("numpy")
 
     def iter_torch_batches(self, batch_size: int) -> Iterator[dict[str, Tensor]]:
-        for batch in self.iter_batches(batch_size):
-            yield {k: torch.as_tensor(v) for k, v in batch.items()}
+        for batch in self.iter_batches(batch_size):  # tables from the object store are read-only: copy those
+            yield {k: torch.as_tensor(v if v.flags.writeable else v.copy()) for k, v in batch.items()}
 
 
 def bucket_weights(local_counts: list[int]) -> tuple[list[int], list[int]]:

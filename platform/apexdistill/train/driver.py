@@ -59,6 +59,8 @@ def clear_run(cfg: Config) -> None:
 # every Ray process of ours: offline models, Train V2, worker prints once (not again through Train's logger)
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# a local Ray that this process starts (not a cluster it joins): see ensure_ray
+LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # quiet mode: no loading bars or info chatter in the workers' own logs either
 QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
                     "TQDM_DISABLE": "1"}
@@ -84,6 +86,11 @@ def ensure_ray(address: str | None = None, log_dir: str | Path | None = None) ->
         "include_dashboard": True, "dashboard_host": "127.0.0.1",
     }
     env_vars = dict(WORKER_ENV)
+    if not address:
+        # Train V2 starts a PreemptionWatcher actor with every worker group: it polls for nodes being
+        # drained (spot preemption), which a local single-node Ray never is. Off here, it costs no process
+        # per fit and no error-level core_worker line (its restartable actor's arguments) on a run that succeeds.
+        env_vars.update(LOCAL_WORKER_ENV)
     env_vars.update(QUIET_WORKER_ENV if not verbose() else {"APEXDISTILL_LOG": "debug"})  # trial drivers follow the console mode
     # inside a submitted Ray job, Ray refuses a key that the job's runtime env sets too: the job's wins
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
