@@ -39,24 +39,37 @@ def _max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache):
-    """ddp, fsdp2 and deepspeed ZeRO-2 on the same data, seeds and init take the same steps: their
-    final weights agree to float32 round-off (the three reduce the same gradients differently).
-    fsdp2 and deepspeed run with activation checkpointing, ddp without: it changes no step."""
+def _busy() -> float:
+    """CPUs per worker that leave half a CPU free: the in-memory digits cache is read by the driver, so
+    no Ray Data task is left waiting for a CPU."""
     import ray
 
     from apexdistill.train.driver import ensure_ray
 
     ensure_ray()
-    # the workers hold all but half a CPU: the in-memory digits cache is read by the driver, so no
-    # Ray Data task is left waiting for a CPU
-    busy = (float(ray.cluster_resources()["CPU"]) - 0.5) / 2
-    results = {}
-    for strategy in ("ddp", "fsdp2", "deepspeed"):
-        results[strategy] = run_training(_cfg(tmp_path, shared_cache, f"run.name={strategy}", f"train.strategy={strategy}",
-                                              "train.steps=4", "train.checkpoint_every=2", "tracking.enabled=false",
-                                              f"train.cpus_per_worker={busy}",
-                                              f"train.gradient_checkpointing={strategy != 'ddp'}"))
+    return (float(ray.cluster_resources()["CPU"]) - 0.5) / 2
+
+
+# every run of the two tests below: apex, 4 steps, a checkpoint every 2
+FOUR = ["train.steps=4", "train.checkpoint_every=2", "objective.name=apex"]
+
+
+@pytest.fixture(scope="module")
+def ddp_straight(tmp_path_factory, shared_cache):
+    """The uninterrupted DDP run both tests compare against (one fit, shared)."""
+    return run_training(_cfg(tmp_path_factory.mktemp("ddp"), shared_cache, "run.name=ddp", "train.strategy=ddp", *FOUR,
+                             "tracking.enabled=false", f"train.cpus_per_worker={_busy()}", "train.gradient_checkpointing=false"))
+
+
+def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache, ddp_straight):
+    """ddp, fsdp2 and deepspeed ZeRO-2 on the same data, seeds and init take the same steps: their
+    final weights agree to float32 round-off (the three reduce the same gradients differently).
+    fsdp2 and deepspeed run with activation checkpointing, ddp without: it changes no step."""
+    results = {"ddp": ddp_straight}
+    for strategy in ("fsdp2", "deepspeed"):
+        results[strategy] = run_training(_cfg(tmp_path, shared_cache, f"run.name={strategy}", f"train.strategy={strategy}", *FOUR,
+                                              "tracking.enabled=false", f"train.cpus_per_worker={_busy()}",
+                                              "train.gradient_checkpointing=true"))
     for strategy, result in results.items():
         assert result.metrics["step"] == 4 and torch.isfinite(torch.tensor(result.metrics["loss"]))
         steps = sorted(p.name for p in (result.run_dir / "checkpoints").glob("step_*"))
@@ -73,23 +86,23 @@ def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache):
     assert results["ddp"].metrics["grad_norm"] > 0
 
 
-def test_resume_and_injected_failure_match_an_uninterrupted_run(tmp_path, shared_cache):
-    """DDP, 6 steps three ways: straight; stopped at 3 and run again to 6; and with a worker failure
-    injected at step 5 (restarts from the step-3 checkpoint inside the same fit). Tolerance: the
-    final weights are equal to float32 round-off (measured: bit-exact)."""
-    common = ["train.strategy=ddp", "train.checkpoint_every=3", "objective.name=fm"]
-    straight = run_training(_cfg(tmp_path / "a", shared_cache, "run.name=s", "train.steps=6", *common))
+def test_resume_and_injected_failure_match_an_uninterrupted_run(tmp_path, shared_cache, ddp_straight):
+    """DDP, apex for 4 steps three ways: straight (the shared run); stopped at 2 and run again to 4; and
+    with a worker failure injected at step 3 (restarts from the step-2 checkpoint inside the same fit).
+    Tolerance: the final weights are equal to float32 round-off (measured: bit-exact)."""
+    common = ["train.strategy=ddp", *FOUR]
+    straight = ddp_straight
 
-    run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", "train.steps=3", *common))
-    resumed = run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", "train.steps=6", *common))
-    assert json.loads((resumed.checkpoint_dir / "trainer_state.json").read_text())["step"] == 6
+    run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", *common, "train.steps=2"))
+    resumed = run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", *common))
+    assert json.loads((resumed.checkpoint_dir / "trainer_state.json").read_text())["step"] == 4
     assert _max_diff(_weights(straight), _weights(resumed)) <= 1e-6
     assert resumed.mlflow_run_id is not None
 
-    failed = run_training(_cfg(tmp_path / "c", shared_cache, "run.name=f", "train.steps=6", "train.fail_at_step=5",
-                               "train.max_failures=1", "eval.at_end=true", "tracking.sample_every=3", *common))
+    failed = run_training(_cfg(tmp_path / "c", shared_cache, "run.name=f", *common, "train.fail_at_step=3",
+                               "train.max_failures=1", "eval.at_end=true", "tracking.sample_every=2"))
     assert (failed.run_dir / ".injected_failure").is_file()
-    assert failed.metrics["step"] == 6
+    assert failed.metrics["step"] == 4
     assert _max_diff(_weights(straight), _weights(failed)) <= 1e-6
 
     # the stopped-and-resumed job logged into one MLflow run, and so did the one that failed
@@ -100,7 +113,7 @@ def test_resume_and_injected_failure_match_an_uninterrupted_run(tmp_path, shared
         assert len(runs) == 1 and runs[0].info.run_id == result.mlflow_run_id
         assert runs[0].info.status == "FINISHED"
         history = client.get_metric_history(result.mlflow_run_id, "loss")
-        assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]  # continuous, ends at the right step
+        assert sorted({m.step for m in history}) == [1, 2, 3, 4]  # continuous, ends at the right step
         by_step: dict[int, set] = {}
         for m in history:
             by_step.setdefault(m.step, set()).add(round(m.value, 6))
@@ -108,24 +121,24 @@ def test_resume_and_injected_failure_match_an_uninterrupted_run(tmp_path, shared
 
     run = MlflowClient(failed.tracking_uri).get_run(failed.mlflow_run_id)
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    assert params["train.strategy"] == "ddp" and params["train.steps"] == "6" and params["objective.name"] == "fm"
+    assert params["train.strategy"] == "ddp" and params["train.steps"] == "4" and params["objective.name"] == "apex"
     assert params["objective.shift.a"] == "-1.0"
-    for key in ("loss", "loss_fm", "grad_norm", "lr", "samples_per_s", "step_time_s", "peak_memory_mb",
+    for key in ("loss", "loss_gen", "loss_fake", "loss_real", "grad_norm", "lr", "samples_per_s", "step_time_s", "peak_memory_mb",
                 "eval/fd_1nfe", "eval/accuracy_1nfe", "eval/ms_per_image_1nfe"):
         assert key in metrics, key
-    assert tags["apexdistill.objective"] == "fm" and tags["apexdistill.strategy"] == "ddp"
+    assert tags["apexdistill.objective"] == "apex" and tags["apexdistill.strategy"] == "ddp"
     assert tags["apexdistill.cache_key"].startswith("digits-") and tags["mlflow.source.git.commit"]
     assert tags["apexdistill.checkpoint"] == str(failed.checkpoint_dir)
     # the end-of-run scores are logged at the final step: they are the run's latest values
-    assert [m.step for m in MlflowClient(failed.tracking_uri).get_metric_history(failed.mlflow_run_id, "eval/fd_1nfe")] == [6]
+    assert [m.step for m in MlflowClient(failed.tracking_uri).get_metric_history(failed.mlflow_run_id, "eval/fd_1nfe")] == [4]
     client = MlflowClient(failed.tracking_uri)
     artifacts = {a.path for a in client.list_artifacts(failed.mlflow_run_id)}
     assert {"config.yaml", "images", "eval"} <= artifacts
     config_text = client.download_artifacts(failed.mlflow_run_id, "config.yaml", str(tmp_path / "dl"))
-    assert "fail_at_step: 5" in open(config_text).read()
+    assert "fail_at_step: 3" in open(config_text).read()
     images = [a.path for a in client.list_artifacts(failed.mlflow_run_id, "images") if a.path.endswith(".png")]
     steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images)
-    assert steps[0] == 3 and steps[-1] == 6  # an image series: every sample_every steps and at the end
+    assert steps[0] == 2 and steps[-1] == 4  # an image series: every sample_every steps and at the end
 
 
 def test_lora_with_fsdp2_exports_an_adapter_that_loads_back(tmp_path, shared_cache):
@@ -168,13 +181,7 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, shared_cach
 def test_workers_that_starve_data_reads_are_refused(tmp_path, shared_cache):
     """A streamed cache (data.in_memory_max_mb=0) is read by Ray Data tasks of 1 CPU: 2 workers holding
     all but half a CPU would leave them waiting forever, so the run is refused before it starts."""
-    import ray
-
-    from apexdistill.train.driver import ensure_ray
-
-    ensure_ray()
-    per_worker = (float(ray.cluster_resources()["CPU"]) - 0.5) / 2
-    cfg = _cfg(tmp_path, shared_cache, "run.name=starve", "train.strategy=ddp", f"train.cpus_per_worker={per_worker}",
+    cfg = _cfg(tmp_path, shared_cache, "run.name=starve", "train.strategy=ddp", f"train.cpus_per_worker={_busy()}",
                "tracking.enabled=false", "data.in_memory_max_mb=0")
     with pytest.raises(ValueError, match=r"train.cpus_per_worker=.*leaves 0.5 of the cluster's .* wait forever"):
         run_training(cfg)
