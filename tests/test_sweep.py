@@ -4,6 +4,7 @@ a bad trial, resuming an interrupted sweep, and sweep files refused with clear m
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,6 +134,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming resume" in out.stdout
+    # the console is our own lines: no Tune experiment box or TensorBoard hint, no library INFO lines
+    console = (out.stdout + out.stderr).splitlines()
+    noise = [line for line in console if re.search(r"Configuration for experiment|View detailed results|tensorboard|INFO |"
+                                                   r"\] ?E\b|\bERROR\b|Traceback|pid=\d+\)", line)]
+    assert noise == [], "\n".join(noise)
     _, children = _children(cfg, _parent_id(cfg, "resume"))
     assert sorted(float(c.data.params["train.lr"]) for c in children) == [1e-4, 2e-4]  # one child per trial
     assert all(c.info.status == "FINISHED" for c in children)

@@ -49,6 +49,12 @@ def quiet_environment() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")  # the libraries' own bars (weights loading); ours are lines
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # MLflow installs its own console handler when first imported (which may be after route_logs): its
+    # INFO lines ("Creating initial MLflow database tables...") stay off the console; warnings still show
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Ray Tune's new output engine prints an experiment box and a TensorBoard hint even at verbose=0;
+    # the legacy reporter at verbose=0 prints nothing (the sweep prints its own progress lines)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def _is_console(handler: logging.Handler) -> bool:

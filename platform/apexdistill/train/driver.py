@@ -63,7 +63,7 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRA
 LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # quiet mode: no loading bars or info chatter in the workers' own logs either
 QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
-                    "TQDM_DISABLE": "1"}
+                    "TQDM_DISABLE": "1", "MLFLOW_LOGGING_LEVEL": "WARNING", "RAY_AIR_NEW_OUTPUT": "0"}
 
 
 def ensure_ray(address: str | None = None, log_dir: str | Path | None = None) -> None:

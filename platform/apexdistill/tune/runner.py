@@ -200,7 +200,7 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
     if parent is not None:
         _close_parent(parent, sweep, finished)
     (folder / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
-    print(format_results(rows, sweep), flush=True)
+    print("\n" + format_results(rows, sweep), flush=True)
     if parent is not None:
         print(f"[sweep] MLflow: parent run {parent['run_id']} ({parent['uri']}); children: "
               f"tags.mlflow.parentRunId = '{parent['run_id']}'", flush=True)
