@@ -56,10 +56,23 @@ SWEEP_BASE = ["objective.name=fm", "train.batch_size=16", "train.log_every=5", "
 
 
 @pytest.fixture(scope="session")
-def sweep_workdir(tmp_path_factory):
-    """One work directory for the sweep and dashboard tests: the cache, the evaluator's classifier and
-    the MLflow store are built once; every sweep has its own name, parent run and trials."""
-    return tmp_path_factory.mktemp("sweeps")
+def shared_cache(tmp_path_factory):
+    """One cache folder for the session's digits runs (test_train, test_distributed, the sweeps): the
+    first run preprocesses the digits into it (Ray Data with a text-encoder actor, ~15 s), the rest
+    hit it. The preprocessing tests build their own caches."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def sweep_workdir(tmp_path_factory, shared_cache):
+    """One work directory for the sweep and dashboard tests: the evaluator's classifier and the MLflow
+    store are built once; every sweep has its own name, parent run and trials. Its ``cache`` (the
+    default ``data.cache_uri``, also for the sweeps the tests run as a command) is ``shared_cache``."""
+    import os
+
+    workdir = tmp_path_factory.mktemp("sweeps")
+    os.symlink(shared_cache, workdir / "cache")
+    return workdir
 
 
 @pytest.fixture(scope="session")

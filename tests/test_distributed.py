@@ -21,11 +21,6 @@ TWO = ["train.num_workers=2", "train.cpus_per_worker=0.45", "train.batch_size=8"
        "eval.samples_per_class=2", "eval.at_end=false", "train.lr=1e-3"]
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def _cfg(workdir, cache, *overrides):
     return build_config({}, [f"run.workdir={workdir}", f"data.cache_uri={cache}", *TWO, *overrides])
 

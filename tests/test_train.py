@@ -19,12 +19,6 @@ pytestmark = pytest.mark.timeout(240)
 TINY = ["train.batch_size=16", "train.log_every=2", "eval.samples_per_class=2", "eval.at_end=false"]
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    """One preprocessed digits cache for the module: the first run builds it, the rest hit it."""
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def _cfg(tmp_path, shared_cache, *overrides):
     return build_config({}, [f"run.workdir={tmp_path}", f"data.cache_uri={shared_cache}", *TINY, *overrides])
 
