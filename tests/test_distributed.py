@@ -45,14 +45,14 @@ def _busy() -> float:
     return (float(ray.cluster_resources()["CPU"]) - 0.5) / 2
 
 
-# every run of the two tests below: apex, 4 steps, a checkpoint every 2
-FOUR = ["train.steps=4", "train.checkpoint_every=2", "objective.name=apex"]
+# every run of the two tests below: apex, 6 steps, a checkpoint every 3
+SIX = ["train.steps=6", "train.checkpoint_every=3", "objective.name=apex"]
 
 
 @pytest.fixture(scope="module")
 def ddp_straight(tmp_path_factory, shared_cache):
     """The uninterrupted DDP run both tests compare against (one fit, shared)."""
-    return run_training(_cfg(tmp_path_factory.mktemp("ddp"), shared_cache, "run.name=ddp", "train.strategy=ddp", *FOUR,
+    return run_training(_cfg(tmp_path_factory.mktemp("ddp"), shared_cache, "run.name=ddp", "train.strategy=ddp", *SIX,
                              "tracking.enabled=false", f"train.cpus_per_worker={_busy()}", "train.gradient_checkpointing=false"))
 
 
@@ -62,17 +62,17 @@ def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache, ddp_strai
     fsdp2 and deepspeed run with activation checkpointing, ddp without: it changes no step."""
     results = {"ddp": ddp_straight}
     for strategy in ("fsdp2", "deepspeed"):
-        results[strategy] = run_training(_cfg(tmp_path, shared_cache, f"run.name={strategy}", f"train.strategy={strategy}", *FOUR,
+        results[strategy] = run_training(_cfg(tmp_path, shared_cache, f"run.name={strategy}", f"train.strategy={strategy}", *SIX,
                                               "tracking.enabled=false", f"train.cpus_per_worker={_busy()}",
                                               "train.gradient_checkpointing=true"))
     for strategy, result in results.items():
-        assert result.metrics["step"] == 4 and torch.isfinite(torch.tensor(result.metrics["loss"]))
+        assert result.metrics["step"] == 6 and torch.isfinite(torch.tensor(result.metrics["loss"]))
         steps = sorted(p.name for p in (result.run_dir / "checkpoints").glob("step_*"))
-        assert steps == ["step_00000002", "step_00000004"], (strategy, steps)
+        assert steps == ["step_00000003", "step_00000006"], (strategy, steps)
         files = {p.name for p in result.checkpoint_dir.iterdir()}
         assert {"model.safetensors", "ema.safetensors", "rng_rank0.safetensors", "rng_rank1.safetensors", "trainer_state.json"} <= files
-    assert (results["fsdp2"].run_dir / "checkpoints" / "step_00000002" / "sharded" / ".metadata").is_file()  # DCP shards
-    assert not (results["fsdp2"].run_dir / "checkpoints" / "step_00000002" / "model.safetensors").exists()
+    assert (results["fsdp2"].run_dir / "checkpoints" / "step_00000003" / "sharded" / ".metadata").is_file()  # DCP shards
+    assert not (results["fsdp2"].run_dir / "checkpoints" / "step_00000003" / "model.safetensors").exists()
     assert (results["deepspeed"].checkpoint_dir / "deepspeed" / "state").is_dir()
     ddp = _weights(results["ddp"])
     for other in ("fsdp2", "deepspeed"):
@@ -82,23 +82,23 @@ def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache, ddp_strai
 
 
 def test_resume_and_injected_failure_match_an_uninterrupted_run(tmp_path, shared_cache, ddp_straight):
-    """DDP, apex for 4 steps three ways: straight (the shared run); stopped at 2 and run again to 4; and
-    with a worker failure injected at step 3 (restarts from the step-2 checkpoint inside the same fit).
+    """DDP, apex for 6 steps three ways: straight (the shared run); stopped at 3 and run again to 6; and
+    with a worker failure injected at step 5 (restarts from the step-3 checkpoint inside the same fit,
+    so step 4 is trained and logged twice).
     Tolerance: the final weights are equal to float32 round-off (measured: bit-exact)."""
-    common = ["train.strategy=ddp", *FOUR]
-    straight = ddp_straight
+    common = ["train.strategy=ddp", *SIX]
 
-    run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", *common, "train.steps=2"))
+    run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", *common, "train.steps=3"))
     resumed = run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", *common))
-    assert json.loads((resumed.checkpoint_dir / "trainer_state.json").read_text())["step"] == 4
-    assert _max_diff(_weights(straight), _weights(resumed)) <= 1e-6
+    assert json.loads((resumed.checkpoint_dir / "trainer_state.json").read_text())["step"] == 6
+    assert _max_diff(_weights(ddp_straight), _weights(resumed)) <= 1e-6
     assert resumed.mlflow_run_id is not None
 
-    failed = run_training(_cfg(tmp_path / "c", shared_cache, "run.name=f", *common, "train.fail_at_step=3",
-                               "train.max_failures=1", "eval.at_end=true", "tracking.sample_every=2"))
+    failed = run_training(_cfg(tmp_path / "c", shared_cache, "run.name=f", *common, "train.fail_at_step=5",
+                               "train.max_failures=1", "eval.at_end=true", "tracking.sample_every=3"))
     assert (failed.run_dir / ".injected_failure").is_file()
-    assert failed.metrics["step"] == 4
-    assert _max_diff(_weights(straight), _weights(failed)) <= 1e-6
+    assert failed.metrics["step"] == 6
+    assert _max_diff(_weights(ddp_straight), _weights(failed)) <= 1e-6
 
     # the stopped-and-resumed job logged into one MLflow run, and so did the one that failed
     for result, name in ((resumed, "r"), (failed, "f")):
@@ -108,15 +108,17 @@ def test_resume_and_injected_failure_match_an_uninterrupted_run(tmp_path, shared
         assert len(runs) == 1 and runs[0].info.run_id == result.mlflow_run_id
         assert runs[0].info.status == "FINISHED"
         history = client.get_metric_history(result.mlflow_run_id, "loss")
-        assert sorted({m.step for m in history}) == [1, 2, 3, 4]  # continuous, ends at the right step
+        assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]  # continuous, ends at the right step
         by_step: dict[int, set] = {}
         for m in history:
             by_step.setdefault(m.step, set()).add(round(m.value, 6))
         assert all(len(v) == 1 for v in by_step.values()), by_step  # a replayed step logs the same value again
+        if result is failed:
+            assert [m.step for m in history].count(4) == 2  # step 4 was replayed after the restart
 
     run = MlflowClient(failed.tracking_uri).get_run(failed.mlflow_run_id)
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    assert params["train.strategy"] == "ddp" and params["train.steps"] == "4" and params["objective.name"] == "apex"
+    assert params["train.strategy"] == "ddp" and params["train.steps"] == "6" and params["objective.name"] == "apex"
     assert params["objective.shift.a"] == "-1.0"
     for key in ("loss", "loss_gen", "loss_fake", "loss_real", "grad_norm", "lr", "samples_per_s", "step_time_s", "peak_memory_mb",
                 "eval/fd_1nfe", "eval/accuracy_1nfe", "eval/ms_per_image_1nfe"):
@@ -125,15 +127,15 @@ def test_resume_and_injected_failure_match_an_uninterrupted_run(tmp_path, shared
     assert tags["apexdistill.cache_key"].startswith("digits-") and tags["mlflow.source.git.commit"]
     assert tags["apexdistill.checkpoint"] == str(failed.checkpoint_dir)
     # the end-of-run scores are logged at the final step: they are the run's latest values
-    assert [m.step for m in MlflowClient(failed.tracking_uri).get_metric_history(failed.mlflow_run_id, "eval/fd_1nfe")] == [4]
+    assert [m.step for m in MlflowClient(failed.tracking_uri).get_metric_history(failed.mlflow_run_id, "eval/fd_1nfe")] == [6]
     client = MlflowClient(failed.tracking_uri)
     artifacts = {a.path for a in client.list_artifacts(failed.mlflow_run_id)}
     assert {"config.yaml", "images", "eval"} <= artifacts
     config_text = client.download_artifacts(failed.mlflow_run_id, "config.yaml", str(tmp_path / "dl"))
-    assert "fail_at_step: 3" in open(config_text).read()
+    assert "fail_at_step: 5" in open(config_text).read()
     images = [a.path for a in client.list_artifacts(failed.mlflow_run_id, "images") if a.path.endswith(".png")]
     steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images)
-    assert steps[0] == 2 and steps[-1] == 4  # an image series: every sample_every steps and at the end
+    assert steps[0] == 3 and steps[-1] == 6  # an image series: every sample_every steps and at the end
 
 
 def test_lora_with_fsdp2_exports_an_adapter_that_loads_back(tmp_path, shared_cache):
