@@ -274,8 +274,14 @@ def test_digits_cache_matches_direct_encoding_then_hits_and_survives_a_crashed_r
     assert not [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
     assert run_preprocess(cfg).hit
 
-    # the cache streams through Ray Data as training will read it
+    # the cache streams through Ray Data as training will read it (its few files listed in the driver, not
+    # by Ray 2.60's pool of footer-reading actors; the caller's own DataContext is left as it was)
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    default = ctx.use_datasource_v2
     batch = next(iter(read_cache(cold.uri).iter_torch_batches(batch_size=8)))
+    assert ctx.use_datasource_v2 == default
     assert batch["x"].shape == (8, 1, 16, 16) and batch["text"].shape == (8, 16, 384)
     # read into this process instead (a sweep trial training itself): the same in-memory rows, in order
     from apexdistill.data.preprocess import read_cache_tables
