@@ -82,43 +82,44 @@ def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache, ddp_strai
 
 
 def test_resume_and_injected_failure_match_an_uninterrupted_run(tmp_path, shared_cache, ddp_straight):
-    """DDP, apex for 6 steps three ways: straight (the shared run); stopped at 3 and run again to 6; and
-    with a worker failure injected at step 5 (restarts from the step-3 checkpoint inside the same fit,
-    so step 4 is trained and logged twice).
+    """DDP, apex for 6 steps two ways: straight (the shared run); and stopped at 3, then run again to 6
+    with a worker failure injected at step 5. The second fit resumes from the step-3 checkpoint in the
+    run folder, fails at 5, and restarts from that same checkpoint inside the fit (its own first
+    checkpoint would be at 6): both kinds of resumption in two fits, and step 4 is trained and logged twice.
     Tolerance: the final weights are equal to float32 round-off (measured: bit-exact)."""
-    common = ["train.strategy=ddp", *SIX]
+    common = ["train.strategy=ddp", *SIX, "tracking.sample_every=3"]
 
-    run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", *common, "train.steps=3"))
-    resumed = run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", *common))
-    assert json.loads((resumed.checkpoint_dir / "trainer_state.json").read_text())["step"] == 6
-    assert _max_diff(_weights(ddp_straight), _weights(resumed)) <= 1e-6
-    assert resumed.mlflow_run_id is not None
-
-    failed = run_training(_cfg(tmp_path / "c", shared_cache, "run.name=f", *common, "train.fail_at_step=5",
-                               "train.max_failures=1", "eval.at_end=true", "tracking.sample_every=3"))
+    first = run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", *common, "train.steps=3", "eval.at_end=false"))
+    assert json.loads((first.checkpoint_dir / "trainer_state.json").read_text())["step"] == 3
+    failed = run_training(_cfg(tmp_path / "b", shared_cache, "run.name=r", *common, "train.fail_at_step=5",
+                               "train.max_failures=1", "eval.at_end=true"))
     assert (failed.run_dir / ".injected_failure").is_file()
     assert failed.metrics["step"] == 6
+    assert json.loads((failed.checkpoint_dir / "trainer_state.json").read_text())["step"] == 6
     assert _max_diff(_weights(ddp_straight), _weights(failed)) <= 1e-6
+    assert failed.mlflow_run_id == first.mlflow_run_id is not None
 
-    # the stopped-and-resumed job logged into one MLflow run, and so did the one that failed
-    for result, name in ((resumed, "r"), (failed, "f")):
-        client = MlflowClient(result.tracking_uri)
-        exp = client.get_experiment_by_name("apexdistill")
-        runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
-        assert len(runs) == 1 and runs[0].info.run_id == result.mlflow_run_id
-        assert runs[0].info.status == "FINISHED"
-        history = client.get_metric_history(result.mlflow_run_id, "loss")
-        assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]  # continuous, ends at the right step
-        by_step: dict[int, set] = {}
-        for m in history:
-            by_step.setdefault(m.step, set()).add(round(m.value, 6))
-        assert all(len(v) == 1 for v in by_step.values()), by_step  # a replayed step logs the same value again
-        if result is failed:
-            assert [m.step for m in history].count(4) == 2  # step 4 was replayed after the restart
+    # the stopped, resumed and restarted job logged into one MLflow run
+    client = MlflowClient(failed.tracking_uri)
+    exp = client.get_experiment_by_name("apexdistill")
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'r'")
+    assert len(runs) == 1 and runs[0].info.run_id == failed.mlflow_run_id
+    assert runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(failed.mlflow_run_id, "loss")
+    assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]  # continuous, ends at the right step
+    by_step: dict[int, set] = {}
+    for m in history:
+        by_step.setdefault(m.step, set()).add(round(m.value, 6))
+    assert all(len(v) == 1 for v in by_step.values()), by_step  # a replayed step logs the same value again
+    counts = {k: [m.step for m in history].count(k) for k in range(1, 7)}
+    # step 4 was replayed after the restart; rank 0 may or may not have logged step 5 before the failure
+    # on rank 1 stopped it; the steps of the first fit and the last step were logged once
+    assert counts[4] == 2 and counts[5] in (1, 2) and counts[1] == counts[2] == counts[3] == counts[6] == 1, counts
 
     run = MlflowClient(failed.tracking_uri).get_run(failed.mlflow_run_id)
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    assert params["train.strategy"] == "ddp" and params["train.steps"] == "6" and params["objective.name"] == "apex"
+    # a resumed run keeps the params it was created with (steps=3); its config.yaml is the latest fit's
+    assert params["train.strategy"] == "ddp" and params["train.steps"] == "3" and params["objective.name"] == "apex"
     assert params["objective.shift.a"] == "-1.0"
     for key in ("loss", "loss_gen", "loss_fake", "loss_real", "grad_norm", "lr", "samples_per_s", "step_time_s", "peak_memory_mb",
                 "eval/fd_1nfe", "eval/accuracy_1nfe", "eval/ms_per_image_1nfe"):
