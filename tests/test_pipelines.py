@@ -1,7 +1,7 @@
 """Stock pipelines end to end, offline: tiny pipelines of each family built from the real diffusers
 classes, saved with ``save_pretrained`` and loaded back through ``model.path`` exactly as a user's
 checkpoint is. Ray Data preprocessing with the pipeline's own encoders in actors -> Ray Train (2
-workers, ddp, LoRA) -> export -> ``DiffusionPipeline.from_pretrained(export)`` at 1 and 2 NFE against
+workers, fsdp2 with activation checkpointing, LoRA: the shipped distill configs' setup) -> export -> ``DiffusionPipeline.from_pretrained(export)`` at 1 and 2 NFE against
 our sampler; the LoRA adapter through ``load_lora_weights``; the teacher sampler with CFG against the
 stock pipeline.
 
@@ -143,11 +143,12 @@ def test_exported_lora_student_runs_in_the_stock_pipeline(tiny, name, tmp_path):
                                 **{family.guidance_argument: family.guidance_off})).abs().max()) > 0  # 2 NFE differs from 1
 
 
-def test_preprocess_train_lora_ddp_export_and_run_in_the_stock_pipeline(tiny, tmp_path, capsys):
+def test_preprocess_train_lora_fsdp2_export_and_run_in_the_stock_pipeline(tiny, tmp_path, capsys):
     """The whole product on a tiny Sana pipeline: Ray Data preprocessing with the pipeline's encoders
     in actors (cached embeddings = encode_prompt, cached latents = the VAE's normalization, one
-    negative embedding), 2 DDP workers with LoRA and guidance from the frozen base, export, and the
-    stock pipeline running the student exactly as `apexdistill sample` does."""
+    negative embedding), 2 fsdp2 workers with LoRA, activation checkpointing and guidance from the
+    frozen base (jobs/configs/distill_*.yaml's setup), export, and the stock pipeline running the student
+    exactly as `apexdistill sample` does."""
     from apexdistill.cli import sample_run
     from apexdistill.data.preprocess import load_cache_tensors, read_negative
     from apexdistill.models.vae import load_vae
@@ -159,7 +160,8 @@ def test_preprocess_train_lora_ddp_export_and_run_in_the_stock_pipeline(tiny, tm
     cfg = build_config({}, [
         f"model.path={folder}", f"run.workdir={tmp_path / 'work'}", f"data.resolution={SIDE}", f"text_encoder.max_length={L}",
         "data.limit=48", "model.lora.enabled=true", "model.lora.rank=4", "train.steps=4", "train.batch_size=8",
-        "train.num_workers=2", "train.strategy=ddp", "train.cpus_per_worker=0.45", "train.log_every=2", "run.name=sana-lora",
+        "train.num_workers=2", "train.strategy=fsdp2", "train.gradient_checkpointing=true", "train.cpus_per_worker=0.45",
+        "train.log_every=2", "run.name=sana-lora",
         "objective.apex.generator_warmup_steps=0",
     ])
     assert cfg.objective.apex.guidance_ratio == pytest.approx(3.5)  # Sana's 4.5 - 1
@@ -182,6 +184,11 @@ def test_preprocess_train_lora_ddp_export_and_run_in_the_stock_pipeline(tiny, tm
     # export, then the stock pipeline at 1 and 2 NFE equals `apexdistill sample`
     out = export_pipeline(result.run_dir, tmp_path / "export", link=True)
     assert os.path.islink(out / "text_encoder") and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.tags
+    assert tags["apexdistill.export"] == str(out.resolve()) and tags["apexdistill.lora"] == "true"
+    assert tags["apexdistill.strategy"] == "fsdp2"
     model, run_cfg = load_trained_backbone(result.run_dir)
     student = _load(out)
     for nfe, sigmas in ((1, [0.999]), (2, [0.999, 0.6])):

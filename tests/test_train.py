@@ -65,6 +65,37 @@ def test_apex_with_learnable_shift_updates_shift_and_exports(tmp_path, shared_ca
         assert torch.equal(student(x, t, c, m), again.eval()(x, t, c, m))
 
 
+def test_lora_run_exports_an_adapter_that_loads_back(tmp_path, shared_cache):
+    """A LoRA run from the shipped teacher (in-process; LoRA on 2 fsdp2 workers is test_pipelines'
+    end-to-end test): the adapters train, and the export's ``lora/`` alone on the base model gives the
+    trained network exactly, its merged ``transformer/`` to 1e-5."""
+    from apexdistill.models.build import build_backbone
+    from apexdistill.models.lora import has_lora, load_lora
+    from mlflow import MlflowClient
+
+    cfg = _cfg(tmp_path, shared_cache, "run.name=lora", "train.steps=3", "model.path=builtin:teacher", "model.lora.enabled=true",
+               "model.lora.rank=4", "train.lr=1e-2", "train.gradient_checkpointing=true")
+    result = run_training(cfg)
+    trained, _ = load_trained_backbone(result.run_dir, use_ema=False)
+    lora_b = [v for k, v in trained.state_dict().items() if "lora_B" in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)  # B starts at zero: the adapters trained
+
+    out = export_pipeline(result.run_dir, tmp_path / "export", use_ema=False)
+    no_lora = cfg.model.lora.model_copy(update={"enabled": False})
+    base = build_backbone(cfg.model.model_copy(update={"lora": no_lora}), 1, 16, 384)  # the shipped teacher
+    again = load_lora(base, out / "lora")
+    assert has_lora(again)
+    merged = build_backbone(cfg.model.model_copy(update={"path": str(out), "lora": no_lora}), 1, 16, 384)
+    g = torch.Generator().manual_seed(0)
+    x, t, c, m = torch.randn(3, 1, 16, 16, generator=g), torch.rand(3, generator=g), torch.randn(3, 16, 384, generator=g), torch.ones(3, 16)
+    with torch.no_grad():
+        want = trained(x, t, c, m)
+        assert torch.equal(again.eval()(x, t, c, m), want)  # the adapter alone on the base model
+        assert torch.allclose(merged.eval()(x, t, c, m), want, atol=1e-5)  # merged into transformer/
+    tags = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.tags
+    assert tags["apexdistill.export"] == str(out.resolve()) and tags["apexdistill.lora"] == "true"
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
         load_trained_backbone(tmp_path)
