@@ -237,18 +237,30 @@ def job_workdir():
 
 
 def test_apexdistill_submit_logs_into_postgres_backed_mlflow(ray_head, postgres_mlflow, job_workdir, capsys):
+    """One job, submitted three times: without --follow (returns at once); with another command under the
+    same run name while it runs (refused, nothing submitted); with the same command and --follow (it follows
+    the running job instead of starting a copy). The run lands in MLflow through the server, in PostgreSQL."""
     from ray.job_submission import JobSubmissionClient
 
     tracking, db, pg_port = postgres_mlflow
     cfg = _job_config(job_workdir)
-    args = ["submit", "--address", ray_head, "--working-dir", str(ROOT), "--follow", "--",
-            "train", "-c", str(cfg), "--tracking-uri", tracking, "run.name=tiny-pg"]
-    assert main(args) == 0, capsys.readouterr().out[-4000:]
+    head = ["submit", "--address", ray_head, "--working-dir", str(ROOT)]
+    command = ["--", "train", "-c", str(cfg), "--tracking-uri", tracking, "run.name=tiny-pg"]
+    assert main([*head, *command]) == 0  # returns at once, the job pending or running
+    assert "[submit] apexdistill-tiny-pg: apexdistill train" in capsys.readouterr().out
+    # the same run name with another command while it runs: refused, nothing submitted
+    assert main([*head, *command, "train.log_every=1"]) == 2
+    refused = capsys.readouterr().err
+    assert "apexdistill-tiny-pg is still" in refused and "with another command" in refused
+    # the same command again: followed, not submitted twice
+    assert main([*head, "--follow", *command]) == 0, capsys.readouterr().out[-4000:]
     out = capsys.readouterr().out
-    assert "[submit] apexdistill-tiny-pg: apexdistill train" in out and "finished: SUCCEEDED" in out
+    assert "apexdistill-tiny-pg is already" in out and "following it" in out and "finished: SUCCEEDED" in out
     assert "[train] step 4/4" in out  # the followed logs
 
     client = JobSubmissionClient(ray_head)
+    ids = [j.submission_id for j in client.list_jobs()]
+    assert ids.count("apexdistill-tiny-pg") == 1 and "apexdistill-tiny-pg-2" not in ids
     assert str(client.get_job_status("apexdistill-tiny-pg")) == "SUCCEEDED"
     assert "[train] step 4/4" in client.get_job_logs("apexdistill-tiny-pg")
     # the run is in MLflow, through the server, and really in PostgreSQL's tables
@@ -262,13 +274,16 @@ def test_apexdistill_submit_logs_into_postgres_backed_mlflow(ray_head, postgres_
 
     # submitting the same finished run again makes a new job id (a resumed run logging into the same MLflow
     # run is test_distributed's drill); stopped at once, so it does not train in the background of later tests
-    assert main([*args[:5], "--", "train", "-c", str(cfg), "--tracking-uri", tracking, "run.name=tiny-pg"]) == 0
+    assert main([*head, *command]) == 0
     assert "[submit] apexdistill-tiny-pg-2:" in capsys.readouterr().out
     client.stop_job("apexdistill-tiny-pg-2")
     deadline = time.time() + 60
     while str(client.get_job_status("apexdistill-tiny-pg-2")) not in ("STOPPED", "SUCCEEDED", "FAILED") and time.time() < deadline:
         time.sleep(0.5)
     assert str(client.get_job_status("apexdistill-tiny-pg-2")) in ("STOPPED", "SUCCEEDED")
+    # an unknown job id is a clear error
+    assert main(["job", "status", "no-such-job", "--address", ray_head]) == 2
+    assert "job status no-such-job" in capsys.readouterr().err
 
 
 def test_ray_job_submit_runs_the_jobs_entry_point(ray_head, job_workdir):
@@ -318,25 +333,3 @@ def test_single_node_clusters_that_will_grow_are_checked_too(tmp_path):
     cpu = build_config({}, [f"run.workdir={tmp_path}", "train.num_workers=2", "train.cpus_per_worker=0.45", "train.strategy=ddp"])
     check_cluster(cpu, sqlite, "127.0.0.1:6379", nodes=[{"Alive": True, "Resources": {"CPU": 2.0}}])
     check_cluster(gpu, sqlite, None, nodes=[{"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0}}])
-
-
-def test_resubmitting_a_running_job_follows_it_instead_of_starting_a_copy(ray_head, job_workdir, capsys):
-    cfg = _job_config(job_workdir)
-    head = ["submit", "--address", ray_head, "--working-dir", str(ROOT)]
-    command = ["--", "train", "-c", str(cfg), "run.name=tiny-twice"]
-    assert main([*head, *command]) == 0  # returns at once, the job pending or running
-    # the same run name with another command while it runs: refused, nothing submitted
-    assert main([*head, *command, "train.log_every=1"]) == 2
-    refused = capsys.readouterr().err
-    assert "apexdistill-tiny-twice is still" in refused and "with another command" in refused
-    # the same command again: followed, not submitted twice
-    assert main([*head, "--follow", *command]) == 0
-    out = capsys.readouterr().out
-    assert "apexdistill-tiny-twice is already" in out and "following it" in out and "finished: SUCCEEDED" in out
-    from ray.job_submission import JobSubmissionClient
-
-    ids = [j.submission_id for j in JobSubmissionClient(ray_head).list_jobs()]
-    assert ids.count("apexdistill-tiny-twice") == 1 and "apexdistill-tiny-twice-2" not in ids
-    # an unknown job id is a clear error
-    assert main(["job", "status", "no-such-job", "--address", ray_head]) == 2
-    assert "job status no-such-job" in capsys.readouterr().err
