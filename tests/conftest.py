@@ -95,7 +95,7 @@ def grid_sweep(sweep_workdir, tmp_path_factory):
     path.write_text(yaml.safe_dump({"name": "grid", "experiment": "sweeps-grid", "budget": {"steps": 6}, "space": {
         "train.lr": {"grid": [1e-4, 3e-3]}, "train.warmup_steps": {"grid": [0, 2]},
         "train.grad_clip,train.weight_decay": {"grid": [[0.5, 0.0]]}},
-        "max_concurrent": 4, "resources": {"workers": 0, "cpus_per_worker": 0.35}}, sort_keys=False))
+        "max_concurrent": 2, "resources": {"workers": 0, "cpus_per_worker": 0.45}}, sort_keys=False))
     rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
     parent = json.loads((Path(sweep_workdir).resolve() / "sweeps" / "grid" / "parent_run.json").read_text())["run_id"]
     return cfg, rows, parent
