@@ -177,7 +177,9 @@ def test_shipped_sweeps_validate_against_the_demo_config():
     files = sorted((ROOT / "sweeps").glob("*.yaml"))
     assert {f.stem for f in files} >= {"shift_grid", "loss_weights", "variants", "lam_detach", "learnable_shift"}
     sizes = {f.stem: len(load_sweep(f, base).corners()) for f in files}
-    assert sizes["shift_grid"] == 12 and sizes["loss_weights"] == 5
+    assert sizes["shift_grid"] == 12 * 3 and sizes["loss_weights"] == 5 * 3  # the paper's cells, 3 seeds each
+    for name in ("shift_grid", "loss_weights", "variants", "lam_detach", "learnable_shift"):
+        assert load_sweep(ROOT / "sweeps" / f"{name}.yaml", base).space["run.seed"] == {"grid": [0, 1, 2]}, name
     assert isinstance(SweepConfig.model_validate(yaml.safe_load((ROOT / "sweeps" / "shift_grid.yaml").read_text())), SweepConfig)
 
 
@@ -203,3 +205,25 @@ def test_random_and_optuna_spaces_sample_inside_their_bounds(tmp_path):
             assert 1e-5 <= p["train.lr"] <= 1e-3 and -1.0 <= p["objective.shift.a"] <= 0.5
             assert 8 <= p["train.batch_size"] <= 16 and p["objective.name"] in ("apex", "fm")
             build_config({}, sweep.trial_overrides(p))  # every sampled point is a valid trial config
+
+
+def test_seed_cells_give_each_point_its_mean_and_spread():
+    """``run.seed`` in the space: the trials of each point of the other keys are one cell, with the mean and
+    sample standard deviation of its finished seeds (a seed ASHA stopped counts as run, not as finished),
+    best mean first; no seed key, no cells."""
+    from apexdistill.tune.runner import TrialRow, format_cells, summarize_seeds
+
+    space = {"objective.shift.a": {"grid": [-1.0, 0.5]}, "run.seed": {"grid": [0, 1, 2]}}
+    sweep = SweepConfig.model_validate({"name": "s", "space": space})
+    metrics = {(-1.0, 0): 4.0, (-1.0, 1): 5.0, (-1.0, 2): 6.0, (0.5, 0): 9.0, (0.5, 1): 11.0, (0.5, 2): None}
+    rows = [TrialRow(f"t{i}", {"objective.shift.a": a, "run.seed": seed}, m, 0.99 if m is not None else None, 300,
+                     "finished" if m is not None else "stopped early", None) for i, ((a, seed), m) in enumerate(metrics.items())]
+    cells = summarize_seeds(rows[::-1], sweep)
+    assert [c.params for c in cells] == [{"objective.shift.a": -1.0}, {"objective.shift.a": 0.5}]
+    best, worst = cells
+    assert (best.seeds, best.finished, best.mean, best.std) == (3, 3, 5.0, 1.0)
+    assert (worst.seeds, worst.finished, worst.mean) == (3, 2, 10.0) and worst.std == pytest.approx(2 ** 0.5)
+    assert best.accuracy == pytest.approx(0.99) and sorted(best.values) == [4.0, 5.0, 6.0]
+    text = format_cells(cells, sweep)
+    assert "5.00 +- 1.00" in text and "10.00 +- 1.41" in text and "2/3" in text and "run.seed" not in text
+    assert summarize_seeds(rows, SweepConfig.model_validate({"name": "s", "space": {"objective.shift.a": {"grid": [-1.0]}}})) is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,55 @@ class TrialRow:
     steps: int | None
     status: str
     run_id: str | None
+
+
+SEED_KEY = "run.seed"
+
+
+@dataclass
+class CellRow:
+    """One point of the space over its seeds (``run.seed`` in the space): mean and spread of the finished trials."""
+    params: dict[str, Any]
+    seeds: int
+    finished: int
+    mean: float | None
+    std: float | None
+    accuracy: float | None
+    values: list[float]
+
+
+def summarize_seeds(rows: list[TrialRow], sweep: SweepConfig) -> list[CellRow] | None:
+    """With ``run.seed`` in the space, the trials grouped by their other keys: the metric's mean and sample
+    standard deviation over each cell's finished seeds, best mean first. None without a seed key."""
+    if SEED_KEY not in sweep.space:
+        return None
+    keys = [k for k in sweep.space if k != SEED_KEY]
+    cells: dict[str, list[TrialRow]] = {}
+    for r in rows:
+        cells.setdefault(json.dumps([r.params.get(k) for k in keys], default=str), []).append(r)
+    out = []
+    for members in cells.values():
+        values = [r.metric for r in members if r.metric is not None]
+        accs = [r.accuracy for r in members if r.metric is not None and r.accuracy is not None]
+        mean = statistics.fmean(values) if values else None
+        out.append(CellRow(params={k: members[0].params.get(k) for k in keys}, seeds=len(members), finished=len(values),
+                           mean=mean, std=statistics.stdev(values) if len(values) > 1 else (0.0 if values else None),
+                           accuracy=statistics.fmean(accs) if accs else None, values=values))
+    sign = 1 if sweep.mode == "min" else -1
+    out.sort(key=lambda c: (c.mean is None, sign * (c.mean or 0.0)))
+    return out
+
+
+def format_cells(cells: list[CellRow], sweep: SweepConfig) -> str:
+    keys = [k for k in sweep.space if k != SEED_KEY]
+    head = keys + [f"{sweep.metric} mean +- std", "accuracy", "seeds finished", "values"]
+    table = [head]
+    for c in cells:
+        table.append([str(c.params.get(k)) for k in keys]
+                     + ["-" if c.mean is None else f"{c.mean:.2f} +- {c.std:.2f}",
+                        "-" if c.accuracy is None else f"{100 * c.accuracy:.1f}%", f"{c.finished}/{c.seeds}",
+                        ", ".join(f"{v:.2f}" for v in c.values)])
+    return _table(table)
 
 
 def _search_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -204,6 +254,15 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
         _close_parent(parent, sweep, finished)
     (folder / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
     print("\n" + format_results(rows, sweep), flush=True)
+    cells = summarize_seeds(rows, sweep)
+    if cells is not None:  # run.seed in the space: each point's mean and spread over its seeds
+        cells_json = json.dumps([c.__dict__ for c in cells], indent=2, default=str)
+        (folder / "cells.json").write_text(cells_json)
+        print(f"\neach point over its seeds ({SEED_KEY}):\n" + format_cells(cells, sweep), flush=True)
+        if parent is not None:
+            from mlflow import MlflowClient
+
+            MlflowClient(parent["uri"]).log_text(parent["run_id"], cells_json, "cells.json")
     if parent is not None:
         print(f"[sweep] MLflow: parent run {parent['run_id']} ({parent['uri']}); children: "
               f"tags.mlflow.parentRunId = '{parent['run_id']}'", flush=True)
@@ -255,7 +314,12 @@ def format_results(rows: list[TrialRow], sweep: SweepConfig) -> str:
         table.append([r.trial_id] + [str(r.params.get(k)) for k in keys]
                      + ["-" if r.metric is None else f"{r.metric:.2f}", "-" if r.accuracy is None else f"{100 * r.accuracy:.1f}%",
                         "-" if r.steps is None else str(r.steps), r.status])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    return _table(table)
+
+
+def _table(table: list[list[str]]) -> str:
+    """Rows of cells as aligned text columns, a rule under the head row."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
