@@ -241,9 +241,11 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
             param_space=space,
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent,
-                                        # a trial that trains itself leaves its process to the next trial: no new
-                                        # process importing torch and diffusers (~8 s on 2 cores) per trial
-                                        reuse_actors=sweep.resources.workers == 0),
+                                        # a CPU trial that trains itself leaves its process to the next trial: no
+                                        # new process importing torch and diffusers (~8 s on 2 cores) per trial. Not
+                                        # on GPUs: a stopped trial's frames (its model) could outlive it there, and
+                                        # a second model on the device is worth more than seconds of start-up
+                                        reuse_actors=sweep.resources.workers == 0 and not sweep.resources.use_gpu),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1 if verbose() else 0,
                                       callbacks=None if verbose() else [sweep_progress(sweep)]),
         )
