@@ -31,7 +31,7 @@ python -m pip install --quiet -e ".[dev]"
 # (or test) would otherwise spend. Built once here; later runs find it (a cheap hash check).
 echo "[setup] building DeepSpeed's CPU communication op (about 1 minute the first time)"
 python - <<'PY'
-import logging, os, warnings
+import logging, warnings
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 from deepspeed.accelerator import get_accelerator
