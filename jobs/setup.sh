@@ -27,7 +27,7 @@ echo "[setup] installing the Python packages into .venv (about 2 minutes the fir
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e ".[dev]"
 # DeepSpeed's CPU backend compiles its shared-memory collective op (deepspeed_shm_comm) the first time a
-# process group starts, into ~/.cache/torch_extensions: ~50 s on 2 cores, which the first DeepSpeed run
+# process group starts, into ~/.cache/torch_extensions: ~30 s on 2 idle cores (~50 s under load), which the first DeepSpeed run
 # (or test) would otherwise spend. Built once here; later runs find it (a cheap hash check).
 echo "[setup] building DeepSpeed's CPU communication op (about 1 minute the first time)"
 python - <<'PY'

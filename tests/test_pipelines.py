@@ -1,8 +1,8 @@
 """Stock pipelines end to end, offline: tiny pipelines of each family built from the real diffusers
 classes, saved with ``save_pretrained`` and loaded back through ``model.path`` exactly as a user's
 checkpoint is. Ray Data preprocessing with the pipeline's own encoders in actors -> Ray Train (2
-workers, fsdp2 with activation checkpointing, LoRA: the shipped distill configs' setup) -> export -> ``DiffusionPipeline.from_pretrained(export)`` at 1 and 2 NFE against
-our sampler; the LoRA adapter through ``load_lora_weights``; the teacher sampler with CFG against the
+workers, fsdp2 with activation checkpointing, LoRA: the shipped distill configs' setup) -> export ->
+``DiffusionPipeline.from_pretrained(export)`` at 1 and 2 NFE against our sampler; the LoRA adapter through ``load_lora_weights``; the teacher sampler with CFG against the
 stock pipeline.
 
 Tolerances: fp32 on CPU. Same-graph comparisons (our sampler vs the pipeline running the same
