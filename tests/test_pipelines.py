@@ -2,8 +2,8 @@
 classes, saved with ``save_pretrained`` and loaded back through ``model.path`` exactly as a user's
 checkpoint is. Ray Data preprocessing with the pipeline's own encoders in actors -> Ray Train (2
 workers, fsdp2 with activation checkpointing, LoRA: the shipped distill configs' setup) -> export ->
-``DiffusionPipeline.from_pretrained(export)`` at 1 and 2 NFE against our sampler; the LoRA adapter through ``load_lora_weights``; the teacher sampler with CFG against the
-stock pipeline.
+``DiffusionPipeline.from_pretrained(export)`` at 1 and 2 NFE against our sampler; the LoRA adapter
+through ``load_lora_weights``; the teacher sampler with CFG against the stock pipeline.
 
 Tolerances: fp32 on CPU. Same-graph comparisons (our sampler vs the pipeline running the same
 weights) at 1e-5; merged LoRA vs an adapter loaded by the pipeline at 1e-4 (the merge changes the
