@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,6 +75,24 @@ def _peak_mb(fn, device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def _recipe() -> dict[str, Any]:
+    """apex as the demo's recipe runs it: the demo config's objective section (fm ignores it)."""
+    from apexdistill.demo import demo_config
+
+    return {"objective": demo_config(".").objective.model_dump(mode="json")}
+
+
+def _plan(cfg):
+    """``apexdistill plan``'s estimate, or None where it cannot be made (it reads the configured text encoder's width)."""
+    from apexdistill.plan import plan_memory
+
+    try:
+        return plan_memory(cfg)
+    except ModuleNotFoundError as e:  # a GPU box with the library's dependencies only, not the digits' MiniLM package
+        print(f"[bench] no plan estimate: {e}", flush=True)
+        return None
+
+
 def bench_size(preset: str, overrides: list[str], device: torch.device, batch: int, steps: int, sample_batch: int,
                latent: tuple[int, int, int], text: tuple[int, int]) -> dict[str, Any]:
     """One architecture: build it once, wrap it with fsdp2, time apex and fm with checkpointing off and
@@ -81,14 +101,13 @@ def bench_size(preset: str, overrides: list[str], device: torch.device, batch: i
     from apexdistill.method.base import build_objective
     from apexdistill.models.build import build_backbone
     from apexdistill.models.family import get_family
-    from apexdistill.plan import plan_memory
+    from apexdistill.train.loop import bind_reference, keep_initial_weights
     from apexdistill.train.strategy import build_strategy
     from diffusers import DPMSolverMultistepScheduler
 
     common = [f"model.preset={preset}", "train.strategy=fsdp2", "train.num_workers=1", f"train.batch_size={batch}",
-              f"train.use_gpu={device.type == 'cuda'}", "objective.apex.generator_warmup_steps=0",
-              "objective.apex.generator_ramp_steps=0", *overrides]
-    cfg = build_config({}, common)
+              f"train.use_gpu={device.type == 'cuda'}", *overrides]
+    cfg = build_config(_recipe(), common)
     c, h, w = latent
     text_len, text_dim = text
     family = get_family(cfg.model.backbone)
@@ -97,13 +116,18 @@ def bench_size(preset: str, overrides: list[str], device: torch.device, batch: i
         backbone = build_backbone(cfg.model, c, h, text_dim)
     strategy = build_strategy(cfg, 0, 1, device)
     strategy.wrap(backbone.train(), build_objective(cfg.objective))
+    frozen = keep_initial_weights(cfg, backbone)  # the recipe's consistency target comes from the frozen teacher
+    bind_reference(strategy.objective, strategy, frozen)
+    frozen_mb = sum(t.numel() * t.element_size() for t in (frozen or {}).values()) / 2**20
     objectives = {"apex": strategy.objective, "fm": build_objective(build_config({}, [*common, "objective.name=fm"]).objective).to(device)}
     g = torch.Generator(device="cpu").manual_seed(0)
     data = {"x": (torch.rand(batch, c, h, w, generator=g) * 2 - 1).to(device),
             "text": torch.randn(batch, text_len, text_dim, generator=g).to(device),
             "text_mask": torch.ones(batch, text_len, dtype=torch.long, device=device)}
 
-    out: dict[str, Any] = {"parameters": sum(p.numel() for p in backbone.parameters())}
+    # the kept teacher copy is allocated for both objectives here; fm alone would not hold it, so fm's
+    # training memory is its peak less that copy
+    out: dict[str, Any] = {"parameters": sum(p.numel() for p in backbone.parameters()), "frozen_teacher_mb": frozen_mb}
     for checkpointing in (False, True):
         if checkpointing:
             backbone.enable_gradient_checkpointing()
@@ -118,14 +142,23 @@ def bench_size(preset: str, overrides: list[str], device: torch.device, batch: i
             step()  # warm-up (allocator, kernels, the optimizer's states)
             times = _timed(step, device, steps)
             key = f"{name}{'_ckpt' if checkpointing else ''}"
-            planned = plan_memory(build_config({}, [*common, f"objective.name={name}", f"train.gradient_checkpointing={checkpointing}",
-                                                    "data.resolution=1024"])) if device.type == "cuda" else None
+            planned = _plan(build_config(_recipe(), [*common, f"objective.name={name}", f"train.gradient_checkpointing={checkpointing}",
+                                                     "data.resolution=1024"])) if device.type == "cuda" else None
             median = statistics.median(times)
             out[key] = {"step_s": median, "samples_per_s": batch / median, "peak_memory_mb": _peak_mb(step, device),
                         "planned_mb": planned.per_gpu_gb * 1024 if planned else None}
-            memory = (f", peak {out[key]['peak_memory_mb']:.0f} MiB (plan {out[key]['planned_mb']:.0f} MiB)"
-                      if device.type == "cuda" else "")
+            plan = f" (plan {out[key]['planned_mb']:.0f} MiB)" if out[key]["planned_mb"] is not None else ""
+            memory = f", peak {out[key]['peak_memory_mb']:.0f} MiB{plan}" if device.type == "cuda" else ""
             print(f"[bench] {preset} {key}: {median * 1e3:.0f} ms/step, {batch / median:.1f} samples/s{memory}", flush=True)
+        suffix = "_ckpt" if checkpointing else ""
+        apex, fm = out[f"apex{suffix}"], out[f"fm{suffix}"]
+        out[f"apex_over_fm_time{suffix}"] = apex["step_s"] / fm["step_s"]
+        if apex["peak_memory_mb"] is not None:
+            out[f"apex_over_fm_memory{suffix}"] = apex["peak_memory_mb"] / (fm["peak_memory_mb"] - frozen_mb)
+        memory = (f", {out[f'apex_over_fm_memory{suffix}']:.2f}x memory (fm without the {frozen_mb:.0f} MiB teacher copy)"
+                  if apex["peak_memory_mb"] is not None else "")
+        print(f"[bench] {preset} apex over fm{' (checkpointing)' if checkpointing else ''}: "
+              f"{out[f'apex_over_fm_time{suffix}']:.2f}x time{memory}", flush=True)
     backbone.transformer.disable_gradient_checkpointing()
 
     model = strategy.model.eval()
@@ -157,19 +190,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=5, help="timed training steps per setup")
     p.add_argument("--sample-batch", type=int, default=8, help="images per sampling call")
     p.add_argument("--workdir", default="./apex-runs")
+    p.add_argument("--log-only", metavar="JSON", help="log a record this script wrote on another machine (one without MLflow: "
+                                                       "the GPU box) to <workdir>'s MLflow store; measures nothing")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = p.parse_args(argv)
+    if args.log_only:
+        record = json.loads(Path(args.log_only).read_text())
+        log_record(args.workdir, Path(args.log_only).stem, record)
+        return record
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmark_gpu: no CUDA device here (torch.cuda.is_available() is False). It measures Sana 0.6B/1.6B on "
                  "one 80 GB GPU; to check its code path on a CPU run: python jobs/benchmark_gpu.py --device cpu --tiny")
+    if device.type == "cuda":  # init_process_group's device_id needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu" and not args.tiny:
         sys.exit("benchmark_gpu: --device cpu runs only with --tiny (the real sizes need a GPU)")
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny kernels: more threads on a shared CPU only fight each other
-
-    from apexdistill.config import build_config, flatten
-    from apexdistill.tracking import record_benchmark
 
     if args.tiny:  # the sized 'tiny' preset at Sana's latent channels, 8x8 latents, short narrow captions
         presets, latent, text = ["tiny"], (32, 8, 8), (8, 64)
@@ -185,20 +223,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 torch.cuda.empty_cache()
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "batch_per_gpu": args.batch, "latent": latent, "text_tokens": text[0], "results": results,
-              "paper_samples_per_s_06b_a100": PAPER_SAMPLES_PER_S_06B_A100}
+              "paper_samples_per_s_06b_a100": PAPER_SAMPLES_PER_S_06B_A100, "overrides": list(args.overrides)}
+    log_record(args.workdir, "gpu" if not args.tiny else f"gpu-tiny-{device.type}", record)
+    return record
+
+
+def log_record(workdir: str, name: str, record: dict[str, Any]) -> None:
+    """``<workdir>/benchmarks/<name>.json`` (written first) and a run in the MLflow experiment ``benchmarks``."""
+    from apexdistill.config import build_config, flatten
+    from apexdistill.tracking import record_benchmark
+
     metrics = {}
-    for preset, r in results.items():
+    for preset, r in record["results"].items():
         for key, value in r.items():
             if isinstance(value, dict):
                 metrics.update({f"{preset}/{key}/{k}": v for k, v in value.items() if isinstance(v, (int, float))})
-        metrics[f"{preset}/student_over_teacher"] = r["student_over_teacher"]
-    name = "gpu" if not args.tiny else f"gpu-tiny-{device.type}"
-    cfg = build_config({}, list(args.overrides))
-    record_benchmark(args.workdir, name, record, params={"presets": ",".join(presets), "batch_per_gpu": args.batch,
-                                                          "device": record["device"], "strategy": "fsdp2 (world size 1)",
-                                                          **{k: v for k, v in flatten(cfg).items() if k.startswith("objective.apex.")}},
+            elif isinstance(value, (int, float)) and key.startswith(("apex_over_fm", "student_over")):
+                metrics[f"{preset}/{key}"] = value
+    cfg = build_config(_recipe(), list(record.get("overrides", [])))
+    record_benchmark(workdir, name, record, params={"presets": ",".join(record["results"]), "batch_per_gpu": record["batch_per_gpu"],
+                                                     "device": record["device"], "strategy": "fsdp2 (world size 1)",
+                                                     "apex": "the demo's recipe (its objective section)",
+                                                     **{k: v for k, v in flatten(cfg).items() if k.startswith("objective.apex.")}},
                      metrics=metrics)
-    return record
 
 
 if __name__ == "__main__":

@@ -45,8 +45,22 @@ def test_tiny_cpu_run_covers_the_code_path(tmp_path):
     for key in ("apex", "fm", "apex_ckpt", "fm_ckpt"):
         assert tiny[key]["step_s"] > 0 and tiny[key]["samples_per_s"] > 0, key
     assert tiny["student_over_teacher"] > 1  # 1 pass against 20 steps of 2 passes
+    # apex runs the demo's recipe: its consistency target needs the kept teacher, and it does more work than fm
+    assert tiny["frozen_teacher_mb"] > 0
+    assert tiny["apex_over_fm_time"] > 1 and tiny["apex_over_fm_time_ckpt"] > 1
     saved = json.loads((tmp_path / "benchmarks" / "gpu-tiny-cpu.json").read_text())
     assert saved["results"]["tiny"]["parameters"] == tiny["parameters"] > 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("benchmarks").experiment_id])
     assert run.data.metrics["tiny/student_1nfe/images_per_s"] > 0 and "tiny/apex_ckpt/step_s" in run.data.metrics
+    assert run.data.metrics["tiny/apex_over_fm_time"] == pytest.approx(tiny["apex_over_fm_time"])
+    assert run.data.params["objective.apex.consistency_solver"] == "midpoint"  # the recipe's, not the library default
+
+    # a record made on a machine without MLflow (the GPU box) is logged here with --log-only, measuring nothing
+    elsewhere = tmp_path / "gpu.json"
+    elsewhere.write_text(json.dumps(saved))
+    again = _load().main(["--log-only", str(elsewhere), "--workdir", str(tmp_path / "here")])
+    assert again == saved
+    client = MlflowClient(f"sqlite:///{tmp_path / 'here' / 'mlflow.db'}")
+    (logged,) = client.search_runs([client.get_experiment_by_name("benchmarks").experiment_id])
+    assert logged.info.run_name == "gpu" and logged.data.metrics == run.data.metrics

@@ -238,14 +238,15 @@ class RunLogger:
 def record_benchmark(workdir: str | Path, name: str, record: dict[str, Any], params: dict[str, Any],
                      metrics: dict[str, float]) -> Path:
     """A benchmark's results: ``<workdir>/benchmarks/<name>.json`` and one run in the MLflow experiment
-    ``benchmarks`` of the work directory's SQLite store (params, metrics and the JSON as an artifact)."""
-    import mlflow
-
+    ``benchmarks`` of the work directory's SQLite store (params, metrics and the JSON as an artifact).
+    The JSON is written first, so a machine without MLflow (a bare GPU box) still keeps the numbers."""
     workdir = Path(workdir).resolve()
     out = workdir / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps(record, indent=2, default=str))
+    import mlflow
+
     _quiet_store_logs()
     # a client on the store, not mlflow.set_tracking_uri: that would also export MLFLOW_TRACKING_URI to
     # every process started afterwards (Ray workers, jobs) and send their runs here
