@@ -261,6 +261,13 @@ class ApexConfig(_Section):
         "frozen", description="weights the consistency target's sub-steps come from: frozen (the initial weights, i.e. the "
         "teacher; the base with adapters disabled under LoRA) or ema (the EMA of the trained weights)")
 
+    @property
+    def uses_frozen_reference(self) -> bool:
+        """Whether a target comes from the teacher's own weights (guidance or the consistency target): a full fine-tune
+        then keeps a copy of the trained parameters as they start (LoRA uses the base with adapters disabled)."""
+        guidance = (self.guidance_ratio or 0) > 0 and self.guidance_reference == "frozen"
+        return guidance or (self.consistency_weight > 0 and self.consistency_reference == "frozen")
+
     @model_validator(mode="after")
     def _range(self) -> "ApexConfig":
         if self.renoise_min >= self.renoise_max:

@@ -15,6 +15,9 @@ optimizer      AdamW's two fp32 moments 8T (sharded /N by fsdp2 and deepspeed; d
                an fp32 master copy 4T/N; none of it with ``offload_optimizer``); on CUDA the foreach
                step adds one temporary of a moment's size
 ema            the EMA shadow of the trained parameters: 4T (fsdp2 /N; deepspeed cT)
+teacher copy   apex with a target from the frozen teacher (the demo's recipe: its consistency target) on a
+               full fine-tune keeps the trained parameters as they start: 4T (fsdp2 /N; deepspeed cT);
+               none under LoRA (the base with adapters disabled is the teacher)
 activations    what autograd keeps for backward, *traced* (not guessed): one sample of the configured
                size runs through the meta model under ``saved_tensors_hooks`` and every saved
                storage is counted once (weights excluded), per block (``backbone.blocks()``) and
@@ -26,7 +29,7 @@ activations    what autograd keeps for backward, *traced* (not guessed): one sam
                backward recomputes one block at a time for the largest pass.
 =============  ===================================================================================
 
-Peak = weights + optimizer + ema + max(gradients, activations): backward frees each block's
+Peak = weights + optimizer + ema + teacher copy + max(gradients, activations): backward frees each block's
 activations as it makes that block's gradients (with ``train.grad_accum_steps > 1`` the gradients
 live through the next micro-batch's forward, so both are added). A plan fits when the peak is at
 most 90% of ``train.gpu_memory_gb`` (the rest: CUDA context, NCCL buffers, allocator fragmentation).
@@ -251,6 +254,7 @@ class Plan:
     gradients_gb: float
     optimizer_gb: float
     ema_gb: float
+    reference_gb: float
     activations_gb: float
     per_gpu_gb: float
     gpu_memory_gb: float
@@ -314,20 +318,21 @@ def plan_memory(cfg: Config) -> Plan:
         weights = 4 * P + (2 * T if bf16 else 0)
         grads = 4 * T
         optimizer = 8 * T + (4 * T if cuda else 0)
-        ema = 4 * T
+        shadow = 4 * T  # one more copy of the trained parameters (the EMA's, the kept teacher's)
     elif t.strategy == "fsdp2":
         weights = 4 * P / n + c * (root + 2 * block)
         grads = 4 * T / n + 4 * block_t
         optimizer = 8 * T / n + (4 * T / n if cuda else 0)
-        ema = 4 * T / n
+        shadow = 4 * T / n
     else:  # deepspeed ZeRO
         stage = t.deepspeed.stage
         weights = c * P if stage < 3 else c * P / n + 2 * c * block
         grads = c * T if stage == 1 else 4 * T / n + c * min(T, DEEPSPEED_BUCKET)
         optimizer = 0 if t.deepspeed.offload_optimizer else 12 * T / n + (4 * T / n if cuda else 0)
-        ema = c * T
-    if t.ema_decay == 0:
-        ema = 0
+        shadow = c * T
+    ema = shadow if t.ema_decay else 0
+    kept_teacher = cfg.objective.name == "apex" and cfg.objective.apex.uses_frozen_reference and not cfg.model.lora.enabled
+    reference = shadow if kept_teacher else 0
     objective = build_objective(cfg.objective)
     passes = tuple(objective.gradient_passes())
     batch = t.batch_size
@@ -335,7 +340,7 @@ def plan_memory(cfg: Config) -> Plan:
     activations = batch * sum(passes) * facts.trace.kept(ckpt)
     if ckpt:  # backward recomputes one block at a time, for the largest pass
         activations += batch * max(passes) * max(facts.trace.blocks, default=0)
-    peak = weights + optimizer + ema + (grads + activations if t.grad_accum_steps > 1 else max(grads, activations))
+    peak = weights + optimizer + ema + reference + (grads + activations if t.grad_accum_steps > 1 else max(grads, activations))
     notes = list(shapes.notes)
     model = cfg.model.path or cfg.model.preset
     return Plan(
@@ -344,7 +349,7 @@ def plan_memory(cfg: Config) -> Plan:
         batch_size=batch, grad_accum_steps=t.grad_accum_steps, resolution=cfg.data.resolution, latent=shapes.latent,
         text_tokens=shapes.text_len, gradient_checkpointing=ckpt, objective=cfg.objective.name, gradient_passes=passes,
         parameters=P, trainable_parameters=T, weights_gb=weights / GIB, gradients_gb=grads / GIB,
-        optimizer_gb=optimizer / GIB, ema_gb=ema / GIB, activations_gb=activations / GIB, per_gpu_gb=peak / GIB,
+        optimizer_gb=optimizer / GIB, ema_gb=ema / GIB, reference_gb=reference / GIB, activations_gb=activations / GIB, per_gpu_gb=peak / GIB,
         gpu_memory_gb=t.gpu_memory_gb, fits=peak / GIB <= USABLE_FRACTION * t.gpu_memory_gb,
         activations_per_sample_gb=facts.trace.kept(ckpt) / GIB, notes=notes,
     )
@@ -402,7 +407,7 @@ def check_plan_fits(cfg: Config) -> Plan | None:
 
 def _components(plan: Plan) -> str:
     return (f"weights {plan.weights_gb:.1f}, gradients {plan.gradients_gb:.1f}, optimizer {plan.optimizer_gb:.1f}, "
-            f"EMA {plan.ema_gb:.1f}, activations {plan.activations_gb:.1f}")
+            f"EMA {plan.ema_gb:.1f}, teacher copy {plan.reference_gb:.1f}, activations {plan.activations_gb:.1f}")
 
 
 def format_plan(plan: Plan) -> str:
@@ -421,6 +426,7 @@ def format_plan(plan: Plan) -> str:
         f"| gradients | {plan.gradients_gb:.1f} |",
         f"| optimizer states | {plan.optimizer_gb:.1f} |",
         f"| EMA | {plan.ema_gb:.1f} |",
+        *([f"| teacher copy (the frozen reference) | {plan.reference_gb:.1f} |"] if plan.reference_gb else []),
         f"| activations | {plan.activations_gb:.1f} |",
         f"| **peak** | **{plan.per_gpu_gb:.1f}** |",
         "",
@@ -437,9 +443,13 @@ def format_plan(plan: Plan) -> str:
 def measure_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak bytes allocated by torch on the CPU while ``fn`` runs, above what was allocated before:
     the allocation and free events ``torch.profiler`` records (``profile_memory=True``), summed in
-    time order. Exact for tensors; not the process's RSS (no Python objects, no allocator caching)."""
+    time order. Exact for tensors; not the process's RSS (no Python objects, no allocator caching).
+    Garbage of earlier work is collected first: freed during ``fn``, it would count against ``fn``'s peak."""
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())

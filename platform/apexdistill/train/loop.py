@@ -411,10 +411,7 @@ def keep_initial_weights(cfg: Config, backbone: torch.nn.Module) -> dict[str, to
     """A copy of the trained parameters as they start (the teacher's), when guidance needs them."""
     from apexdistill.models.lora import has_lora
 
-    apex = cfg.objective.apex
-    guidance = (apex.guidance_ratio or 0) > 0 and apex.guidance_reference == "frozen"
-    consistency = apex.consistency_weight > 0 and apex.consistency_reference == "frozen"
-    if cfg.objective.name != "apex" or not (guidance or consistency) or has_lora(backbone):
+    if cfg.objective.name != "apex" or not cfg.objective.apex.uses_frozen_reference or has_lora(backbone):
         return None
     return {n: p.detach().clone() for n, p in backbone.named_parameters() if p.requires_grad}
 
