@@ -512,6 +512,55 @@ def test_apex_renoised_consistency_targets_the_reference_jump_from_the_renoised_
     assert obj.gradient_passes() == (1 + fraction, 1)  # the generator with the re-noised rows, the fake branch (no anchor)
 
 
+def test_apex_robust_loss_is_the_per_sample_charbonnier_of_every_term():
+    """robust_eps (the released code's robust loss): each term is the mean over samples of sqrt(d^2 + eps^2) - eps,
+    d^2 the sample's squared error, from the same network outputs as the plain terms."""
+    eps = 0.05
+    rec, batch = Recorder(ToyVelocity().double()), make_batch()
+    n = batch["x"].shape[0]
+    obj = make_objective("apex", apex={"robust_eps": eps, **NO_GENERATOR_WARMUP})
+    _, metrics = obj.loss(rec, batch)
+    gen, fake_and_real, real_at_xs = rec.calls
+    v_gen, v_fake_s, v_real_x = gen["out"].detach(), fake_and_real["out"][:n].detach(), fake_and_real["out"][n:].detach()
+    p = obj.cfg.apex
+
+    def robust(d2):
+        return float(((d2 + eps**2).sqrt() - eps).mean())
+
+    correction = (v_fake_s - real_at_xs["out"]).clamp(-p.correction_clamp, p.correction_clamp)
+    assert metrics["loss_gen"] == pytest.approx(robust(correction.pow(2).flatten(1).mean(1)), rel=1e-9)
+    x_g = gen["x"] - p.generator_t * v_gen
+    s = fake_and_real["t"][:n].reshape(-1, 1, 1, 1)
+    z2 = (fake_and_real["x"][:n] - (1 - s) * x_g) / s
+    assert metrics["loss_fake"] == pytest.approx(robust((v_fake_s - (z2 - x_g)).pow(2).flatten(1).mean(1)), rel=1e-8)
+    t = fake_and_real["t"][n:].reshape(-1, 1, 1, 1)
+    z3 = (fake_and_real["x"][n:] - (1 - t) * batch["x"]) / t
+    assert metrics["loss_real"] == pytest.approx(robust((v_real_x - (z3 - batch["x"])).pow(2).flatten(1).mean(1)), rel=1e-8)
+
+
+def test_apex_tan_time_weighting_scales_the_teacher_side_terms_by_their_jump():
+    """time_weighting=tan on the recipe's terms, same noise: the anchor's instantaneous rows (r = t) weigh
+    tan(pi/2.5) + 1 = 4.0777, the one-step consistency rows (0.999 -> 0) 1.0013, the re-noised ones (0.6 -> 0)
+    1.5498; the generator and fake-branch terms are left alone."""
+    recipe = {"consistency_weight": 1.0, "consistency_steps": 2, "consistency_solver": "midpoint", "generator_fraction": 0.5,
+              "consistency_renoise_t": 0.6, "consistency_renoise_source": "data", "consistency_renoise_fraction": 0.5,
+              "lambda_g": 1.0, **NO_GENERATOR_WARMUP}
+    runs = {}
+    for weighting in ("none", "tan"):
+        obj = make_objective("apex", apex={**recipe, "time_weighting": weighting})
+        torch.manual_seed(0)  # the same weights, batch and noise in both runs
+        live, ref = ToyVelocity().double(), ToyVelocity().double()
+        switch = ReferenceSwitch(live, ref)
+        obj.set_guidance(None, switch.reference)
+        runs[weighting] = obj.loss(switch, make_batch())[1]
+    plain, tan = runs["none"], runs["tan"]
+    assert tan["loss_real"] == pytest.approx(4.0777 * plain["loss_real"], rel=1e-4)
+    assert tan["loss_cons_renoised"] == pytest.approx(1.5498 * plain["loss_cons_renoised"], rel=1e-4)
+    one_step = plain["loss_cons"] - plain["loss_cons_renoised"]
+    assert tan["loss_cons"] - tan["loss_cons_renoised"] == pytest.approx(1.0013 * one_step, rel=1e-4)
+    assert tan["loss_gen"] == pytest.approx(plain["loss_gen"], rel=1e-12) and tan["loss_fake"] == pytest.approx(plain["loss_fake"], rel=1e-12)
+
+
 def test_apex_generator_fraction_splits_the_batch_into_generator_and_anchor_rows():
     rec, batch = Recorder(ToyVelocity().double()), make_batch(8)
     obj = make_objective("apex", apex={"generator_fraction": 0.25, **NO_GENERATOR_WARMUP})

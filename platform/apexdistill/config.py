@@ -260,6 +260,14 @@ class ApexConfig(_Section):
     consistency_reference: Literal["frozen", "ema"] = Field(
         "frozen", description="weights the consistency target's sub-steps come from: frozen (the initial weights, i.e. the "
         "teacher; the base with adapters disabled under LoRA) or ema (the EMA of the trained weights)")
+    robust_eps: float = Field(
+        0.0, ge=0.0, description="the released code's robust loss: every term becomes sqrt(d^2 + eps^2) - eps per sample, "
+        "d^2 the sample's mean squared error (Charbonnier; its gradient is the squared error's over 2*sqrt(d^2 + eps^2), "
+        "so each sample's pull is normalised by its own error); 0 = plain squared error. The released code: 1e-3")
+    time_weighting: Literal["none", "tan"] = Field(
+        "none", description="the released code's time weighting on the teacher-side terms (the anchor and the consistency "
+        "targets): tan((1 - (t - r)) * pi / 2.5) + 1 per row, t its time and r its target time (r = t for the anchor's "
+        "instantaneous flow: 4.08; r = 0 for a consistency jump: 1.00 from t = 0.999, 1.55 from t = 0.6); none = 1")
 
     @property
     def uses_frozen_reference(self) -> bool:

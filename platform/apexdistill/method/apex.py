@@ -27,6 +27,9 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
             (t2 = 0.6) takes. Its reference sub-steps share the one-step target's calls and its rows join the
             generator's gradient pass.
    total  = lambda_g*L_gen + lambda_p*L_fake + lambda_r*L_real + lambda_c*L_cons
+   Two more options of the released code: ``robust_eps`` > 0 makes every term its per-sample Charbonnier
+   sqrt(d^2 + eps^2) - eps of the sample's squared error d^2, and ``time_weighting=tan`` weights the rows of
+   L_real and L_cons by tan((1 - (t - r)) * pi / 2.5) + 1 (t the row's time, r its target time).
 
 Rows: with ``generator_fraction`` f < 1 the first f of the batch drive steps 1-5 and 7 and the rest is
 the anchor (the released code's grouping: about one gradient pass per row); with f = 1 every row does
@@ -43,7 +46,7 @@ from torch import Tensor, nn
 from apexdistill.config import ObjectiveConfig
 from apexdistill.method.base import Batch, ShiftedObjective, cat_batches, mse, ramp, register, scalar_metrics
 from apexdistill.method.flow import bcast, interpolate, sample_time, velocity_target
-from apexdistill.method.twinflow import consistency_displacement, consistency_from_displacement
+from apexdistill.method.twinflow import charbonnier, consistency_displacement, consistency_from_displacement, tan_time_weight
 
 
 @register
@@ -121,18 +124,18 @@ class Apex(ShiftedObjective):
             v_real_s = model(x_s, s, c_g, m_g)
             correction = (v_fake_s.detach() - v_real_s).clamp(-p.correction_clamp, p.correction_clamp)
 
-        loss_gen = mse(v_gen, (v_gen - correction).detach()).mean()  # 4.
-        loss_fake = mse(v_fake_s, velocity_target(x_g, z2)).mean()  # 5.
+        loss_gen = self._error(v_gen, (v_gen - correction).detach()).mean()  # 4.
+        loss_fake = self._error(v_fake_s, velocity_target(x_g, z2)).mean()  # 5.
         zero = torch.zeros((), device=x.device)
-        loss_real = mse(v_real_x, target_real).mean() if v_real_x is not None else zero  # 6.
+        loss_real = (self._error(v_real_x, target_real) * self._time_weight(t_real, t_real)).mean() if v_real_x is not None else zero  # 6.
         if displacement is not None:  # 7. the released code's RCGM consistency target on the one-step group
             target_c = consistency_from_displacement(v_gen, displacement[:n], v_data, t0, torch.zeros_like(t0), clamp=p.correction_clamp)
-            loss_cons = mse(v_gen, target_c).mean()
+            loss_cons = (self._error(v_gen, target_c) * self._time_weight(t0, torch.zeros_like(t0))).mean()
         else:
             loss_cons = zero
         if k:  # 7'. the same target at consistency_renoise_t on the re-noised rows
             target_2 = consistency_from_displacement(f_2, displacement[n:], v_2, t_2, torch.zeros_like(t_2), clamp=p.correction_clamp)
-            loss_cons2 = mse(f_2, target_2).mean()
+            loss_cons2 = (self._error(f_2, target_2) * self._time_weight(t_2, torch.zeros_like(t_2))).mean()
             loss_cons = loss_cons + loss_cons2
         lambda_g = p.lambda_g * ramp(step, p.generator_warmup_steps, p.generator_ramp_steps)
         loss = lambda_g * loss_gen + p.lambda_p * loss_fake + p.lambda_r * loss_real + lambda_c * loss_cons
@@ -151,6 +154,15 @@ class Apex(ShiftedObjective):
         if k:  # logged only when on
             metrics["loss_cons_renoised"] = float(loss_cons2.detach())
         return loss, metrics
+
+    def _error(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Per-sample error of a term: the squared error, or its Charbonnier form with ``robust_eps`` > 0: (B,)."""
+        eps = self.cfg.apex.robust_eps
+        return charbonnier(pred, target, eps) if eps > 0 else mse(pred, target)
+
+    def _time_weight(self, t: Tensor, target_t: Tensor) -> Tensor | float:
+        """Per-row weight of a teacher-side term: the released tan weighting, or 1."""
+        return tan_time_weight(t, target_t) if self.cfg.apex.time_weighting == "tan" else 1.0
 
     def _groups(self, n: int) -> tuple[slice, slice]:
         """Rows of the generator/fake group and of the anchor: all rows for both at generator_fraction 1,
