@@ -1,11 +1,12 @@
-"""Benchmark on one GPU: Sana 0.6B and 1.6B at 1024 px, training and sampling, ready for the day a GPU is lent.
+"""Benchmark on one GPU: Sana 0.6B and 1.6B at 1024 px, training and sampling (first run: one H200, README).
 
 For each of the Sana 0.6B and 1.6B architectures (``model.preset=sana-0.6b`` / ``sana-1.6b``, random
 weights: the speed and memory of a step do not depend on the values), with bf16 FSDP2 on one rank
 (the training code path, ``FSDP2Strategy``, with a process group of world size 1) and 1024 px
 latents (32 x 32 x 32: Sana's DC-AE is f32c32) with 300 text tokens of width 2304:
 
-1. training, with and without ``train.gradient_checkpointing``: ``apex`` and ``fm`` step time
+1. training, with and without ``train.gradient_checkpointing``: ``apex`` (the demo's recipe, with its kept
+   teacher copy, which fm's memory ratio leaves out) and ``fm`` step time
    (median), samples/s and peak memory (``torch.cuda.max_memory_allocated``), next to the
    ``apexdistill plan`` estimate of the same setup;
 2. sampling: the 1-NFE student (the exported pipeline's student scheduler) against the teacher as users
