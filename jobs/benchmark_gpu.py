@@ -83,17 +83,6 @@ def _recipe() -> dict[str, Any]:
     return {"objective": demo_config(".").objective.model_dump(mode="json")}
 
 
-def _plan(cfg):
-    """``apexdistill plan``'s estimate, or None where it cannot be made (it reads the configured text encoder's width)."""
-    from apexdistill.plan import plan_memory
-
-    try:
-        return plan_memory(cfg)
-    except ModuleNotFoundError as e:  # a GPU box with the library's dependencies only, not the digits' MiniLM package
-        print(f"[bench] no plan estimate: {e}", flush=True)
-        return None
-
-
 def bench_size(preset: str, overrides: list[str], device: torch.device, batch: int, steps: int, sample_batch: int,
                latent: tuple[int, int, int], text: tuple[int, int]) -> dict[str, Any]:
     """One architecture: build it once, wrap it with fsdp2, time apex and fm with checkpointing off and
@@ -102,6 +91,7 @@ def bench_size(preset: str, overrides: list[str], device: torch.device, batch: i
     from apexdistill.method.base import build_objective
     from apexdistill.models.build import build_backbone
     from apexdistill.models.family import get_family
+    from apexdistill.plan import Shapes, plan_memory
     from apexdistill.train.loop import bind_reference, keep_initial_weights
     from apexdistill.train.strategy import build_strategy
     from diffusers import DPMSolverMultistepScheduler
@@ -111,6 +101,7 @@ def bench_size(preset: str, overrides: list[str], device: torch.device, batch: i
     cfg = build_config(_recipe(), common)
     c, h, w = latent
     text_len, text_dim = text
+    shapes = Shapes(latent=latent, text_len=text_len, text_dim=text_dim)  # the plan of exactly what is timed here
     family = get_family(cfg.model.backbone)
     torch.manual_seed(0)
     with torch.device(device):  # random init where it runs (a 1.6B init on the CPU alone takes tens of seconds)
@@ -143,8 +134,8 @@ def bench_size(preset: str, overrides: list[str], device: torch.device, batch: i
             step()  # warm-up (allocator, kernels, the optimizer's states)
             times = _timed(step, device, steps)
             key = f"{name}{'_ckpt' if checkpointing else ''}"
-            planned = _plan(build_config(_recipe(), [*common, f"objective.name={name}", f"train.gradient_checkpointing={checkpointing}",
-                                                     "data.resolution=1024"])) if device.type == "cuda" else None
+            planned = plan_memory(build_config(_recipe(), [*common, f"objective.name={name}", f"train.gradient_checkpointing={checkpointing}"]),
+                                  shapes) if device.type == "cuda" else None
             median = statistics.median(times)
             out[key] = {"step_s": median, "samples_per_s": batch / median, "peak_memory_mb": _peak_mb(step, device),
                         "planned_mb": planned.per_gpu_gb * 1024 if planned else None}

@@ -120,6 +120,18 @@ def test_a_target_from_the_frozen_teacher_plans_its_copy_of_the_weights():
     assert "teacher copy" in format_plan(plan)
 
 
+def test_a_plan_of_given_shapes_is_the_plan_of_that_sample():
+    """plan_memory(cfg, shapes): a benchmark's synthetic sample instead of the one the config files describe (no
+    text encoder read); the config's own shapes give the same plan, longer captions more activations."""
+    from dataclasses import replace
+
+    cfg = build_config({}, ["train.batch_size=4"])
+    own = config_shapes(cfg)
+    assert plan_memory(cfg, own) == plan_memory(cfg)
+    longer = plan_memory(cfg, replace(own, text_len=4 * own.text_len))
+    assert longer.activations_gb > plan_memory(cfg).activations_gb and longer.text_tokens == 4 * own.text_len
+
+
 def test_plan_cli_prints_a_table_and_json(capsys):
     assert main(["plan", *QWEN_LORA, "train.gradient_checkpointing=true"]) == 0
     table = capsys.readouterr().out

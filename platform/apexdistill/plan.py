@@ -299,12 +299,13 @@ def _model_facts(cfg: Config, shapes: Shapes, dtype: torch.dtype) -> _Model:
     return _MODEL_CACHE[key]
 
 
-def plan_memory(cfg: Config) -> Plan:
-    """The memory plan of ``cfg`` (see the module docstring for every term)."""
+def plan_memory(cfg: Config, shapes: Shapes | None = None) -> Plan:
+    """The memory plan of ``cfg`` (see the module docstring for every term); ``shapes``, when given, is the
+    sample instead of the one the config files describe (a benchmark's synthetic latents and captions)."""
     from apexdistill.method.base import build_objective
 
     t = cfg.train
-    shapes = config_shapes(cfg)
+    shapes = shapes or config_shapes(cfg)
     bf16 = t.use_bf16
     dtype = torch.bfloat16 if bf16 else torch.float32
     c = 2 if bf16 else 4
