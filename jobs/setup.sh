@@ -26,6 +26,10 @@ fi
 echo "[setup] installing the Python packages into .venv (about 2 minutes the first time)"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e ".[dev]"
+# pip byte-compiles every installed package but not an editable project: compile ours too, or every process
+# that imports it (each Ray worker, trial and command) compiles it again where PYTHONDONTWRITEBYTECODE is set
+# (~0.5 CPU-s a process here). Python checks each .pyc against its source, so an edited module is recompiled.
+python -m compileall -q platform >/dev/null
 # DeepSpeed's CPU backend compiles its shared-memory collective op (deepspeed_shm_comm) the first time a
 # process group starts, into ~/.cache/torch_extensions: ~30 s on 2 idle cores (~50 s under load), which the first DeepSpeed run
 # (or test) would otherwise spend. Built once here; later runs find it (a cheap hash check).
