@@ -273,6 +273,43 @@ def test_apex_literal_fake_detach(detach):
         assert grad_to_real.abs().max() > 0
 
 
+@pytest.mark.parametrize("lambda_p", [1.0, 0.0])
+def test_apex_literal_mix_on_generated_is_eq23_at_the_generated_point(lambda_p):
+    """mix_on=generated: L_mix is Eq. 23's endpoint loss at Eq. 12's point t*z + (1-t)*x_fake, v_fake queried there,
+    and its gradient reaches the generated sample (the network's input there), which the written reading never does."""
+    lam = 0.5
+    model = Recorder(ToyVelocity().double())
+    batch = make_batch()
+    obj = make_objective("apex_literal", apex_literal={"mix_on": "generated", "lam": lam, "lambda_p": lambda_p, "weight": "paper"})
+    loss, metrics = obj.loss(model, batch)
+    loss.backward()
+    # F(x_t,t,c); F(x_t_fake,t,c_fake) (the fake branch, whose output is also Eq. 14's v_fake there; without the fake
+    # branch, that query alone, without gradient); F(x_t_fake,t,c)
+    real, fake, mixed = model.calls
+    assert fake["grad"] is (lambda_p > 0)
+    x, t = batch["x"], real["t"]
+    tb = t.reshape(-1, 1, 1, 1)
+    z = (real["x"] - (1 - tb) * x) / tb
+    x_fake = real["x"] - tb * real["out"].detach()  # Eq. 11
+    point = tb * z + (1 - tb) * x_fake  # Eq. 12's point
+    assert torch.allclose(mixed["x"], point, atol=1e-12) and torch.allclose(fake["x"], point, atol=1e-12)
+    assert torch.equal(mixed["text"], batch["text"]) and not torch.equal(fake["text"], batch["text"])  # c, then c_fake
+    v_fake = fake["out"].detach()
+    target = (1 - lam) * x + lam * (point - tb * v_fake)  # Eq. 22
+    pred = point - tb * mixed["out"].detach()
+    weight = t / (1 - t)  # 1/omega(t), Eq. 23 with weight=paper
+    expected = (weight * (pred - target).pow(2).flatten(1).mean(1)).mean()
+    assert metrics["loss_mix"] == pytest.approx(expected.item(), rel=1e-9)
+    assert mixed["x"].requires_grad and mixed["grad"]  # the gradient flows into the generated sample
+    assert real["out"].grad.abs().max() > 0  # and through it back to the one-step output F(x_t, t, c)
+    # control: as written, L_mix sits at the real point and no network input carries a gradient
+    written = Recorder(ToyVelocity().double())
+    w_obj = make_objective("apex_literal", apex_literal={"lam": lam, "lambda_p": 0.0, "weight": "paper"})
+    w_obj.loss(written, batch)[0].backward()
+    assert not any(c["x"].requires_grad for c in written.calls)
+    assert obj.gradient_passes() == ((1, 1, 1) if lambda_p > 0 else (1, 1))
+
+
 def test_apex_literal_learnable_shift_gets_gradient():
     obj = make_objective("apex_literal", shift={"learnable": True, "lr_mult": 3.0})
     (group,) = obj.param_groups()

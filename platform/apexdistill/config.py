@@ -295,6 +295,11 @@ class ApexLiteralConfig(_Section):
     weight_clamp: float = Field(10.0, gt=0, description="upper bound on t^3/(1-t) for weight='clamped'")
     warmup_steps: int = Field(0, ge=0, description="steps of plain flow matching before the adversarial terms")
     ramp_steps: int = Field(0, ge=0, description="steps over which lam and lambda_p ramp up after warm-up")
+    mix_on: Literal["real", "generated"] = Field(
+        "real", description="where L_mix (Eq. 22-23) is evaluated: real (as written: at x_t, the noised real sample, so no "
+        "gradient reaches a generated sample) or generated (a reading that does: at the noised generated sample "
+        "t*z + (1-t)*x_fake of Eq. 12, x_fake = Eq. 11's one-step endpoint of x_t with its gradient, in the endpoint form of "
+        "Eq. 23 with T_mix = (1-lam)*x + lam*f_x(v_fake) and v_fake of Eq. 14 queried at that point)")
 
 
 class TwinflowConfig(_Section):

@@ -29,6 +29,19 @@ Choices where the paper is open (APEX_METHOD.md marks them):
 
 Why this reading does not train a one-step generator on its own is explained in APEX_METHOD.md
 ("Why the literal reading fails"); `apex` is the working variant.
+
+``mix_on='generated'`` is a second reading of the same equations, one where the gradient reaches a generated
+sample (the paper's GAN-form gradient needs it): L_mix is evaluated at the point where Eq. 12 queries the fake
+branch, the noised generated sample x_t_fake = t*z + (1-t)*x_fake, with x_fake = Eq. 11's endpoint carrying its
+gradient back to F(x_t, t, c), and v_fake of Eq. 14 queried there too (the fake branch's own output at that point):
+
+    L_mix = E[ w(t)/t^2 * || f_x(F(x_t_fake, t, c), x_t_fake, t) - sg(T_mix) ||^2 ],
+    T_mix = (1-lam)*x + lam*f_x(v_fake, x_t_fake, t)           (x the real sample x_fake was made from)
+
+in the endpoint form of Eq. 23 (w(t)/t^2 is ``weight``'s velocity weighting in endpoint units: t/(1-t) = 1/omega
+for ``paper``; t^2 floored at 1e-4), so the gradient flows through x_t_fake both into the network's input and into f_x. At lam = 1 the
+error is t*(v_fake - F(x_t_fake, t, c)): the sample is moved so that the real branch agrees with the fake one,
+the opposite of `apex`'s generator step (which moves it by +t0*(v_fake - v_real)).
 """
 
 from __future__ import annotations
@@ -45,6 +58,8 @@ from apexdistill.method.flow import endpoint_x, interpolate, sample_time, veloci
 
 #: floor on 1 - t in the paper's weight t^3/(1-t), so that t -> 1 gives a large but finite weight
 PAPER_WEIGHT_EPS = 1e-5
+#: floor on t^2 where ``mix_on='generated'`` turns the velocity weighting into endpoint units
+MIN_T_SQUARED = 1e-4
 
 WeightFn = Callable[[Tensor], Tensor]
 
@@ -123,8 +138,10 @@ class ApexLiteral(ShiftedObjective):
         return p.lam * frac, p.lambda_p * frac
 
     def gradient_passes(self) -> tuple[int, ...]:
-        # F(x_t, t, c), then the fake branch once lambda_p is on
-        return (1, 1) if self.cfg.apex_literal.lambda_p > 0 else (1,)
+        # F(x_t, t, c), then the fake branch once lambda_p is on, then (mix_on=generated) F(x_t_fake, t, c)
+        p = self.cfg.apex_literal
+        passes = (1, 1) if p.lambda_p > 0 else (1,)
+        return (*passes, 1) if p.mix_on == "generated" else passes
 
     def loss(self, model: nn.Module, batch: Batch, step: int = 0) -> tuple[Tensor, dict[str, float]]:
         p: ApexLiteralConfig = self.cfg.apex_literal
@@ -139,28 +156,47 @@ class ApexLiteral(ShiftedObjective):
         v_real = model(x_t, t, c, mask)  # F(x_t, t, c)
         c_fake = self.shift(c)  # Eq. 9
 
-        if lam > 0:
-            with torch.no_grad():  # Eq. 14: v_fake = sg(F(x_t, t, c_fake)), at the real point x_t
-                v_fake = model(x_t, t, c_fake, mask)
-        else:  # lam = 0 multiplies v_fake by zero: skip the pass
-            v_fake = torch.zeros_like(x)
         weight = partial(velocity_weight, kind=p.weight, clamp=p.weight_clamp)
-        loss_mix = mix_loss_velocity(v_real, x, z, x_t, t, v_fake, lam, weight)  # Eq. 22-23
+        generated = p.mix_on == "generated"
+        if not generated:
+            if lam > 0:
+                with torch.no_grad():  # Eq. 14: v_fake = sg(F(x_t, t, c_fake)), at the real point x_t
+                    v_fake = model(x_t, t, c_fake, mask)
+            else:  # lam = 0 multiplies v_fake by zero: skip the pass
+                v_fake = torch.zeros_like(x)
+            loss_mix = mix_loss_velocity(v_real, x, z, x_t, t, v_fake, lam, weight)  # Eq. 22-23
 
-        if lambda_p > 0:
-            x_fake = endpoint_x(v_real, x_t, t)  # Eq. 11: one-step endpoint of a noised real sample
-            if p.fake_detach:  # the official code's choice; the paper lets the gradient through
-                x_fake = x_fake.detach()
+        if lambda_p > 0 or generated:
+            x_gen = endpoint_x(v_real, x_t, t)  # Eq. 11: one-step endpoint of a noised real sample, with its gradient
+            # the official code's choice; the paper lets the gradient through
+            x_fake = x_gen.detach() if p.fake_detach else x_gen
             if p.fresh_noise:
                 z_f = torch.randn(x.shape, device=x.device, dtype=x.dtype)
                 t_f = sample_time(n, self.cfg.time, x.device).to(x.dtype)
             else:
                 z_f, t_f = z, t
+        if lambda_p > 0:
             x_t_fake = interpolate(x_fake, z_f, t_f)  # Eq. 12: x_t_fake = t*z + (1-t)*x_fake
             v_fake_branch = model(x_t_fake, t_f, c_fake, mask)
             loss_fake = mse(v_fake_branch, velocity_target(x_fake, z_f)).mean()  # Eq. 12
         else:
+            v_fake_branch = None
             loss_fake = torch.zeros((), device=x.device, dtype=x.dtype)
+
+        if generated:  # L_mix at the noised generated sample, the gradient flowing through it (module docstring)
+            x_t_gen = interpolate(x_gen, z_f, t_f)
+            if v_fake_branch is not None:  # Eq. 14 at this point is the fake branch's own output there
+                v_fake = v_fake_branch.detach()
+            elif lam > 0:
+                with torch.no_grad():
+                    v_fake = model(x_t_gen, t_f, c_fake, mask)
+            else:
+                v_fake = torch.zeros_like(x)
+            pred = endpoint_x(model(x_t_gen, t_f, c, mask), x_t_gen, t_f)
+            # the velocity weighting in endpoint units (f_x error = t * velocity error); t^2 floored, as the generated
+            # sample's endpoint error does not vanish at t -> 0 (x_t_fake -> x_fake, not x)
+            w_end = weight(t_f) / t_f.pow(2).clamp_min(MIN_T_SQUARED)
+            loss_mix = (w_end * mse(pred, mix_target(x, x_t_gen, t_f, v_fake, lam))).mean()  # Eq. 22-23
 
         loss = lambda_p * loss_fake + p.lambda_e * loss_mix  # Eq. 25
         return loss, scalar_metrics(
