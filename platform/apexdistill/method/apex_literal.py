@@ -39,9 +39,11 @@ gradient back to F(x_t, t, c), and v_fake of Eq. 14 queried there too (the fake 
     T_mix = (1-lam)*x + lam*f_x(v_fake, x_t_fake, t)           (x the real sample x_fake was made from)
 
 in the endpoint form of Eq. 23 (w(t)/t^2 is ``weight``'s velocity weighting in endpoint units: t/(1-t) = 1/omega
-for ``paper``; t^2 floored at 1e-4), so the gradient flows through x_t_fake both into the network's input and into f_x. At lam = 1 the
-error is t*(v_fake - F(x_t_fake, t, c)): the sample is moved so that the real branch agrees with the fake one,
-the opposite of `apex`'s generator step (which moves it by +t0*(v_fake - v_real)).
+for ``paper``; t^2 floored at 1e-4), so the gradient flows through x_t_fake both into the network's input and into
+f_x. At lam = 1 the error is t*(v_fake - F(x_t_fake, t, c)): the sample is moved so that the real branch agrees
+with the fake one, the opposite of `apex`'s generator step (which moves it by +t0*(v_fake - v_real)). In this
+reading lam = 0 is not flow matching (L_mix asks the re-noised sample's endpoint to return to x), so neither is
+the warm-up.
 """
 
 from __future__ import annotations
@@ -158,12 +160,8 @@ class ApexLiteral(ShiftedObjective):
 
         weight = partial(velocity_weight, kind=p.weight, clamp=p.weight_clamp)
         generated = p.mix_on == "generated"
-        if not generated:
-            if lam > 0:
-                with torch.no_grad():  # Eq. 14: v_fake = sg(F(x_t, t, c_fake)), at the real point x_t
-                    v_fake = model(x_t, t, c_fake, mask)
-            else:  # lam = 0 multiplies v_fake by zero: skip the pass
-                v_fake = torch.zeros_like(x)
+        if not generated:  # Eq. 14 at the real point x_t
+            v_fake = _fake_velocity(model, x_t, t, c_fake, mask, lam)
             loss_mix = mix_loss_velocity(v_real, x, z, x_t, t, v_fake, lam, weight)  # Eq. 22-23
 
         if lambda_p > 0 or generated:
@@ -187,11 +185,8 @@ class ApexLiteral(ShiftedObjective):
             x_t_gen = interpolate(x_gen, z_f, t_f)
             if v_fake_branch is not None:  # Eq. 14 at this point is the fake branch's own output there
                 v_fake = v_fake_branch.detach()
-            elif lam > 0:
-                with torch.no_grad():
-                    v_fake = model(x_t_gen, t_f, c_fake, mask)
             else:
-                v_fake = torch.zeros_like(x)
+                v_fake = _fake_velocity(model, x_t_gen, t_f, c_fake, mask, lam)
             pred = endpoint_x(model(x_t_gen, t_f, c, mask), x_t_gen, t_f)
             # the velocity weighting in endpoint units (f_x error = t * velocity error); t^2 floored, as the generated
             # sample's endpoint error does not vanish at t -> 0 (x_t_fake -> x_fake, not x)
@@ -208,3 +203,11 @@ class ApexLiteral(ShiftedObjective):
             shift_a=self.shift.a,
             shift_b=self.shift.b,
         )
+
+
+def _fake_velocity(model: nn.Module, x_t: Tensor, t: Tensor, c_fake: Tensor, mask: Tensor | None, lam: float) -> Tensor:
+    """Eq. 14, v_fake = sg(F(x_t, t, c_fake)); zeros without a pass when lam = 0 multiplies it by zero."""
+    if lam <= 0:
+        return torch.zeros_like(x_t)
+    with torch.no_grad():
+        return model(x_t, t, c_fake, mask)
