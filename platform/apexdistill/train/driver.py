@@ -84,6 +84,10 @@ def ensure_ray(address: str | None = None, log_dir: str | Path | None = None) ->
     local = {} if address else {
         # Ray Train V2 watches its controller through the state API, which the dashboard serves
         "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        # the raylet starts a worker per CPU for the first driver, but they are not started in this job's
+        # runtime environment (its env_vars), so no task or actor of ours can use them: they only import
+        # Ray and idle (measured with a task of 0.5 CPU: it gets new processes either way)
+        "_system_config": {"prestart_worker_first_driver": False},
     }
     env_vars = dict(WORKER_ENV)
     if not address:
