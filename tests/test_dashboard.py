@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -180,6 +181,10 @@ def test_serve_starts_the_mlflow_ui_on_loopback_and_stops_it(grid_sweep, tmp_pat
         with urllib.request.urlopen(req, timeout=30) as resp:
             runs = json.loads(resp.read())["runs"]
         assert len(runs) == 4 and all(r["info"]["status"] == "FINISHED" for r in runs)
+        # MLflow 3's job runner (a process and seven huey consumers, half a core while idle) is not started
+        started = [" ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert any("-m mlflow server" in c for c in started), started
+        assert not any("huey" in c or "_job_runner" in c for c in started), started
         with urllib.request.urlopen(report_url, timeout=10) as resp:
             assert resp.status == 200 and b'class="heatmap"' in resp.read()
     finally:
