@@ -46,7 +46,7 @@ def start_mlflow_ui(uri: str, port: int, log_file: Path, timeout: float = 90.0, 
     # which a tracking UI does not use): measured on a SQLite store, 10 processes and 53% of a core while
     # idle, against 2 processes and 0.3% without it, and it answers in half the time. Set the variable to
     # true to have the jobs back.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=log_file.parent, env=env)
