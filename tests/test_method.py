@@ -728,6 +728,54 @@ def test_displacement_solvers_on_a_linear_field():
     assert error(midpoint_displacement, 4) < error(euler_displacement, 8) / 2
 
 
+@pytest.mark.parametrize("solver", ["euler", "midpoint"])
+def test_consistency_time_shift_moves_the_sub_step_boundaries(solver):
+    """consistency_time_shift s warps the reference's sub-step boundaries as diffusers' flow-matching `shift` warps
+    sigmas, on the interval t -> r: with u = 1 - i/K the boundary is r + (t - r)*s*u/(1 + (s - 1)*u). The solvers
+    query the model at those times (the midpoint also halfway between them); s = 1 is the even split, bit for bit,
+    and the objective hands its configured s to the solver."""
+    from apexdistill.method.twinflow import DISPLACEMENT_SOLVERS, substep_time
+
+    t, r = torch.tensor([0.989, 0.59], dtype=torch.float64), torch.tensor([0.0, 0.1], dtype=torch.float64)
+    assert torch.allclose(substep_time(t, r, 1, 2, 2 / 3), torch.tensor([0.3956, 0.1 + 0.49 * 0.4]).double(), atol=1e-12)
+    assert torch.equal(substep_time(t, r, 0, 2, 2 / 3), t) and torch.allclose(substep_time(t, r, 2, 2, 0.5), r)
+    for s in (0.5, 2.0):  # monotone from t to r, shorter sub-steps near r when s < 1
+        times = [substep_time(t, r, i, 4, s) for i in range(5)]
+        assert all(bool((a > b).all()) for a, b in zip(times, times[1:]))
+        assert bool(((times[3] - times[4]) < (times[0] - times[1])).all()) == (s < 1)
+
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(2, 1, 2, 2)
+
+    def queried(*shift):
+        seen = []
+
+        def velocity(x_, t_, r_):
+            seen.append(t_.clone())
+            return x_ * t_.reshape(-1, 1, 1, 1)
+        return DISPLACEMENT_SOLVERS[solver](velocity, x, t, r, 2, *shift), seen
+
+    assert all(torch.equal(substep_time(t, r, i, 3), t + (r - t) * (i / 3)) for i in range(4))  # s = 1: the even split
+    even, _ = queried()
+    warped, warped_times = queried(2 / 3)
+    split = substep_time(t, r, 1, 2, 2 / 3)
+    expected = [t, split] if solver == "euler" else [t, (t + split) / 2, split, split / 2 + r / 2]
+    assert len(warped_times) == len(expected) and all(torch.allclose(a, b, atol=1e-12) for a, b in zip(warped_times, expected))
+    assert not torch.allclose(warped, even)
+
+    obj = make_objective("apex", apex={"consistency_weight": 1.0, "consistency_steps": 2, "consistency_solver": solver,
+                                       "consistency_time_shift": 2 / 3, "lambda_g": 0.0, "lambda_p": 0.0, "lambda_r": 0.0,
+                                       **NO_GENERATOR_WARMUP})
+    live = ToyVelocity().double()
+    switch = ReferenceSwitch(live, ToyVelocity().double())
+    obj.set_guidance(None, switch.reference)
+    rec = Recorder(switch)
+    obj.loss(rec, make_batch(4), step=0)
+    t_mid = torch.full((4,), obj.cfg.apex.generator_t - 0.01, dtype=torch.float64)
+    boundary = substep_time(t_mid, torch.zeros_like(t_mid), 1, 2, 2 / 3)
+    reference_times = [c["t"] for c in rec.calls if not c["grad"]][: 2 if solver == "euler" else 4]
+    assert torch.allclose(reference_times[1 if solver == "euler" else 2], boundary, atol=1e-6)
+
+
 def test_tan_time_weight():
     w = tan_time_weight(torch.tensor([1.0, 0.5, 0.5]), torch.tensor([0.0, 0.5, 0.0]))
     assert w[0].item() == pytest.approx(1.0)

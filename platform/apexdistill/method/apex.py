@@ -181,7 +181,7 @@ class Apex(ShiftedObjective):
         p = self.cfg.apex
         with torch.no_grad(), self._reference(p.consistency_reference, "objective.apex.consistency_weight > 0"):
             return consistency_displacement(lambda x_, t_, _r: model(x_, t_, c, mask), z, v_data, t0, torch.zeros_like(t0),
-                                            p.consistency_steps, solver=p.consistency_solver)
+                                            p.consistency_steps, solver=p.consistency_solver, shift=p.consistency_time_shift)
 
     def _renoised_points(self, model: nn.Module, z: Tensor, x: Tensor, t0: Tensor, c: Tensor, mask: Tensor | None):
         """(x_t2, t2, v): the re-noised rows of 7' and their velocity z' - x_src, x_src the one-step samples of the
