@@ -17,7 +17,8 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
 7. L_cons (``consistency_weight`` lambda_c > 0; the released code's RCGM target on its one-step group):
             F(z, t0, c) is pulled to sg(F - clamp(R)), R = (t0*F - D)/delta - (z - x), D the reference weights'
             ``consistency_steps`` sub-steps of ``consistency_solver`` (the released code's Euler, or explicit
-            midpoint: two calls a sub-step, second order) from (z - delta*(z - x), t0 - delta) to 0, delta = 0.01,
+            midpoint: two calls a sub-step, second order; boundaries placed by ``consistency_time_shift``) from
+            (z - delta*(z - x), t0 - delta) to 0, delta = 0.01,
             x the row's data (the released code's random pairing). From the frozen teacher its fixed point is the teacher's
             few-step ODE sample; ``consistency_decay_steps`` hands over to the correction afterwards.
    With ``consistency_renoise_t`` t2 > 0 the same target is also applied at t2 to the one-step samples re-noised
