@@ -79,7 +79,44 @@ def sweep_workdir(tmp_path_factory, shared_cache):
 def grid_sweep(sweep_workdir, tmp_path_factory):
     """A real 2 x 2 grid sweep (train.lr x train.warmup_steps, plus a joint key with one point) on local
     Ray Tune, logged to the SQLite store of ``sweep_workdir`` in the experiment 'sweeps-grid':
-    (cfg, result rows, parent run id)."""
+    (cfg, result rows, parent run id).
+
+    test_sweep and test_dashboard both use it, and under pytest-xdist they may run in different workers
+    (processes): the sweep runs once a session, in the worker that asks first. That worker takes a copy of
+    the store right after the sweep (SQLite's online backup, consistent while its later sweeps write to the
+    original); a worker that asks later gets that copy as its work directory, so nothing it reads is being
+    written by the other. The artifacts stay where the sweep wrote them (the store names them by path)."""
+    import json
+    import os
+    import sqlite3
+    from contextlib import closing
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    from apexdistill.config import build_config
+    from apexdistill.tune.runner import TrialRow
+
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: nothing to share
+        return _run_grid_sweep(sweep_workdir, tmp_path_factory)
+    shared = tmp_path_factory.getbasetemp().parent / "grid-sweep"  # the session's folder, above every worker's
+    record = shared / "sweep.json"
+    with FileLock(str(shared) + ".lock"):
+        if record.is_file():
+            data = json.loads(record.read_text())
+            cfg = build_config({}, [f"run.workdir={shared}", *SWEEP_BASE])
+            return cfg, [TrialRow(**row) for row in data["rows"]], data["parent"]
+        cfg, rows, parent = _run_grid_sweep(sweep_workdir, tmp_path_factory)
+        shared.mkdir()
+        with closing(sqlite3.connect(Path(sweep_workdir).resolve() / "mlflow.db")) as src, \
+                closing(sqlite3.connect(shared / "mlflow.db")) as dst:
+            src.backup(dst)
+        record.write_text(json.dumps({"rows": [asdict(row) for row in rows], "parent": parent}))
+        return cfg, rows, parent
+
+
+def _run_grid_sweep(sweep_workdir, tmp_path_factory):
     import json
     from pathlib import Path
 
