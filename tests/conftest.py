@@ -95,7 +95,6 @@ def grid_sweep(sweep_workdir, tmp_path_factory):
 
     from filelock import FileLock
 
-    from apexdistill.config import build_config
     from apexdistill.tune.runner import TrialRow
 
     if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: nothing to share
@@ -105,8 +104,7 @@ def grid_sweep(sweep_workdir, tmp_path_factory):
     with FileLock(str(shared) + ".lock"):
         if record.is_file():
             data = json.loads(record.read_text())
-            cfg = build_config({}, [f"run.workdir={shared}", *SWEEP_BASE])
-            return cfg, [TrialRow(**row) for row in data["rows"]], data["parent"]
+            return _grid_sweep_config(shared), [TrialRow(**row) for row in data["rows"]], data["parent"]
         cfg, rows, parent = _run_grid_sweep(sweep_workdir, tmp_path_factory)
         shared.mkdir()
         with closing(sqlite3.connect(Path(sweep_workdir).resolve() / "mlflow.db")) as src, \
@@ -116,17 +114,22 @@ def grid_sweep(sweep_workdir, tmp_path_factory):
         return cfg, rows, parent
 
 
+def _grid_sweep_config(workdir):
+    from apexdistill.config import build_config
+
+    return build_config({}, [f"run.workdir={workdir}", *SWEEP_BASE])
+
+
 def _run_grid_sweep(sweep_workdir, tmp_path_factory):
     import json
     from pathlib import Path
 
     import yaml
 
-    from apexdistill.config import build_config
     from apexdistill.tune.runner import run_sweep
     from apexdistill.tune.sweep import load_sweep
 
-    cfg = build_config({}, [f"run.workdir={sweep_workdir}", *SWEEP_BASE])
+    cfg = _grid_sweep_config(sweep_workdir)
     path = tmp_path_factory.mktemp("grid-sweep-file") / "grid.yaml"
     # its own experiment (the base config's is sweeps-test): parent and trials must both land there
     path.write_text(yaml.safe_dump({"name": "grid", "experiment": "sweeps-grid", "budget": {"steps": 6}, "space": {
