@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--every", type=int, default=100, help="score every N steps")
     p.add_argument("--per-class", type=int, default=50, help="images per prompt per score")
+    p.add_argument("--draws", type=int, default=1, help="noise draws per score (means; eval.noise_draws)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default="./apex-runs")
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = demo_config(args.workdir, overrides=["train.num_workers=0", "train.strategy=none", f"train.steps={args.steps}",
                                                f"train.batch_size={args.batch}", f"eval.samples_per_class={args.per_class}",
+                                               f"eval.noise_draws={args.draws}",
                                                *args.overrides])
     text, mask = digit_caption_table(cfg)
     bench = DigitsBench(cfg, text, mask)

@@ -69,6 +69,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert main(["evaluate", str(run), "--nfe", "1", "--samples-per-class", "5", "--workdir", str(tmp_path)]) == 0
     scored = capsys.readouterr().out
     assert "demo-apex" in scored and "real data (floor)" in scored
+    # the shipped teacher is scored by name, here on two noise draws (means and the FD's spread)
+    assert main(["evaluate", "builtin:teacher", "--euler", "--nfe", "2", "--samples-per-class", "3", "--draws", "2",
+                 "--workdir", str(tmp_path)]) == 0
+    scored = capsys.readouterr().out
+    assert "builtin:teacher" in scored and "+-" in scored and "means over 2 noise draws" in scored
     img = tmp_path / "seven.png"
     assert main(["sample", str(run), "--prompt", "a handwritten digit seven", "--num", "3", "-o", str(img)]) == 0
     from PIL import Image

@@ -26,6 +26,7 @@ from apexdistill.eval import (
     save_grid,
 )
 from apexdistill.eval.classifier import train_classifier
+from apexdistill.eval.runner import format_table
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated upstream
 
@@ -246,8 +247,31 @@ def test_evaluate_rows_scores_each_nfe(evaluator):
     rows = evaluate_rows("exact", ExactVelocity(first_of_class), evaluator, text, mask, [1, 2], "few_step", samples_per_class=10)
     assert [r.nfe for r in rows] == [1, 2] and all(isinstance(r, EvalRow) for r in rows)
     assert all(r.accuracy is not None and r.accuracy >= 0.9 for r in rows)
-    assert set(rows[0].as_dict()) == {"model", "nfe", "accuracy", "fd", "ms_per_image"}
+    assert set(rows[0].as_dict()) == {"model", "nfe", "accuracy", "fd", "ms_per_image", "fd_std", "draws"}
     assert rows[0].as_dict()["model"] == "exact" and rows[0].fd > evaluator.floor_fd  # 10 images, no diversity
+    assert rows[0].draws == 1 and rows[0].fd_std is None
+
+
+def test_evaluate_rows_averages_independent_noise_draws(evaluator):
+    test = load_digits_split("test", 16, 0.2, 0)
+    first_of_class = torch.stack([test.images[test.labels == k][0] for k in range(10)])
+    text, mask = _tables()
+    model = ExactVelocity(first_of_class)
+    with torch.no_grad():
+        model.scale.fill_(0.7)  # 1 NFE lands at 0.7*target + 0.3*z: every noise draw scores differently
+    (both,) = evaluate_rows("m", model, evaluator, text, mask, [1], "few_step", draws=2, samples_per_class=10, seed=5)
+    singles = [evaluate_rows("m", model, evaluator, text, mask, [1], "few_step", samples_per_class=10, seed=5 + 1000 * i)[0]
+               for i in range(2)]
+    assert abs(singles[0].fd - singles[1].fd) > 1e-3
+    assert both.fd == pytest.approx((singles[0].fd + singles[1].fd) / 2, rel=1e-9)
+    assert both.fd_std == pytest.approx(abs(singles[0].fd - singles[1].fd) / 2**0.5, rel=1e-9)
+    assert both.accuracy == pytest.approx((singles[0].accuracy + singles[1].accuracy) / 2)
+    assert both.draws == 2 and both.ms_per_image > 0
+    table = format_table([both], evaluator.floor_fd)
+    assert f"+-{both.fd_std:.2f}" in table and "means over 2 noise draws" in table
+    assert "spread" not in format_table(singles)
+    with pytest.raises(ValueError, match="draws"):
+        evaluate_rows("m", model, evaluator, text, mask, [1], "few_step", draws=0, samples_per_class=10)
 
 
 # ----------------------------------------------------------------------------- grids

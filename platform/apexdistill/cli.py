@@ -76,8 +76,19 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model_arg(path: str, use_ema: bool):
-    """A run folder or one of its checkpoint folders (trained by `apexdistill train`)."""
+def _load_model_arg(path: str, use_ema: bool, workdir: str | None = None):
+    """A run folder or one of its checkpoint folders (trained by `apexdistill train`), or 'builtin:teacher' (the shipped
+    digits teacher, with the demo's config)."""
+    from apexdistill.assets import BUILTIN
+
+    if path in BUILTIN:
+        from apexdistill.demo import demo_config
+        from apexdistill.models.build import build_backbone
+        from apexdistill.train.data import digit_caption_table
+
+        cfg = demo_config(workdir or "./apex-runs", overrides=[f"model.path={path}"])
+        text, _ = digit_caption_table(cfg)
+        return build_backbone(cfg.model, 1, cfg.data.resolution, text.shape[-1]).eval(), cfg
     from apexdistill.train.export import load_trained_backbone
 
     return load_trained_backbone(path, use_ema=use_ema)
@@ -87,7 +98,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from apexdistill.eval.runner import DigitsBench, format_table
     from apexdistill.train.data import digit_caption_table
 
-    model, cfg = _load_model_arg(args.run, use_ema=not args.raw)
+    model, cfg = _load_model_arg(args.run, use_ema=not args.raw, workdir=args.workdir)
     if cfg.text_encoder.kind == "pipeline":
         return _evaluate_pipeline_run(args, model, cfg)
     if {args.height or cfg.data.resolution, args.width or cfg.data.resolution} != {cfg.data.resolution}:
@@ -100,6 +111,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workdir": args.workdir})})
     if args.samples_per_class:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"samples_per_class": args.samples_per_class})})
+    if args.draws:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"noise_draws": args.draws})})
     bench = DigitsBench(cfg, *digit_caption_table(cfg))
     rows = bench.score(Path(args.run).name, model, args.nfe, "euler" if args.euler else "few_step")
     print(format_table(rows, bench.evaluator.floor_fd))
@@ -282,11 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="score a run's checkpoint at 1/2/4 NFE (digits: accuracy and FD proxy; pipelines: "
                                          "teacher vs student grid and ms/image)")
-    e.add_argument("run", help="run folder (<workdir>/runs/<name>) or a checkpoint folder")
+    e.add_argument("run", help="run folder (<workdir>/runs/<name>), a checkpoint folder, or builtin:teacher (the shipped "
+                   "digits teacher; with --euler --nfe 50 its reference row)")
     e.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4])
     e.add_argument("--euler", action="store_true", help="use the multi-step Euler ODE sampler (teachers)")
     e.add_argument("--raw", action="store_true", help="evaluate the raw weights instead of the EMA")
     e.add_argument("--samples-per-class", type=int, default=None)
+    e.add_argument("--draws", type=int, default=None, help="independent noise draws per row (eval.noise_draws): means and "
+                   "the FD's spread; one draw's FD proxy moves by ~0.17 with the noise alone")
     e.add_argument("--workdir", default=None, help="where the evaluator's classifier is cached")
     e.add_argument("--prompt", action="append", default=None,
                    help="pipeline runs: a prompt for the teacher-vs-student grid (repeatable; default: captions of the run's cache)")

@@ -271,6 +271,8 @@ class EvalRow:
     accuracy: float | None
     fd: float
     ms_per_image: float
+    fd_std: float | None = None  # the spread (std) of the FD over the noise draws, when there are several
+    draws: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

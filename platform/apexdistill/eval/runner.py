@@ -35,7 +35,7 @@ class DigitsBench:
         return evaluate_rows(
             name, model, self.evaluator, self.text_table, self.mask_table, nfes, sampler,
             samples_per_class=e.samples_per_class, seed=e.seed, batch_size=e.batch_size,
-            channels=1, resolution=self.cfg.data.resolution,
+            channels=1, resolution=self.cfg.data.resolution, draws=e.noise_draws,
         )
 
     def grid(self, models: list[tuple[str, torch.nn.Module, int, str]], path: Path, per_class: int = 1,
@@ -84,11 +84,16 @@ class GridResult:
 
 
 def format_table(rows: list[EvalRow], floor_fd: float | None = None) -> str:
-    head = f"{'model':<22} {'NFE':>4} {'accuracy':>9} {'FD proxy':>9} {'ms/image':>9}"
+    draws = max((r.draws for r in rows), default=1)
+    spread = draws > 1
+    head = f"{'model':<22} {'NFE':>4} {'accuracy':>9} {'FD proxy':>9}" + (f" {'spread':>7}" if spread else "") + f" {'ms/image':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = "-" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
-        lines.append(f"{r.model:<22} {r.nfe:>4} {acc:>9} {r.fd:>9.2f} {r.ms_per_image:>9.3f}")
+        sd = (f" {'+-' + format(r.fd_std, '.2f'):>7}" if r.fd_std is not None else f" {'':>7}") if spread else ""
+        lines.append(f"{r.model:<22} {r.nfe:>4} {acc:>9} {r.fd:>9.2f}{sd} {r.ms_per_image:>9.3f}")
     if floor_fd is not None:
         lines.append(f"{'real data (floor)':<22} {'':>4} {'':>9} {floor_fd:>9.2f}")
+    if spread:
+        lines.append(f"(accuracy and FD proxy: means over {draws} noise draws; spread: the FD's std across them)")
     return "\n".join(lines)

@@ -235,6 +235,8 @@ def eval_metrics(rows: list[Any], prefix: str = "eval") -> dict[str, float]:
         metrics[f"{prefix}/ms_per_image_{r.nfe}nfe"] = r.ms_per_image
         if r.accuracy is not None:
             metrics[f"{prefix}/accuracy_{r.nfe}nfe"] = r.accuracy
+        if getattr(r, "fd_std", None) is not None:  # several noise draws: the spread of their FDs
+            metrics[f"{prefix}/fd_std_{r.nfe}nfe"] = r.fd_std
     return metrics
 
 

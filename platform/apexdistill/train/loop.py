@@ -333,7 +333,8 @@ class InTrainingEval:
             return
         from apexdistill.eval.runner import DigitsBench
 
-        eval_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"samples_per_class": cfg.eval.during_samples_per_class})})
+        eval_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"samples_per_class": cfg.eval.during_samples_per_class,
+                                                                                "noise_draws": 1})})
         self.bench = DigitsBench(eval_cfg, torch.tensor(prompts["text"]), torch.tensor(prompts["mask"]))
 
     def due(self, step: int) -> bool:
