@@ -3,10 +3,12 @@
 Three measurements on the tiny Sana backbone and the built-in digits, all in one run so that the
 ratios compare numbers taken side by side on the same (noisy) machine:
 
-1. ``apex`` (the demo's recipe) vs ``fm`` in-process, same backbone and batch: median step time (interleaved blocks)
+1. ``apex`` (the demo's recipe) vs ``fm`` in-process, same backbone and batch: median step time (interleaved blocks;
+   with the recipe's consistency bank, once it is full: the warm-up fills it), and the recipe with fresh targets
    and training memory. On CUDA the memory is ``torch.cuda.max_memory_allocated``; on CPU, where
    torch keeps no allocator statistics, it is weights + gradients + AdamW states + the activations
-   saved for backward (counted with ``saved_tensors_hooks``), which is what differs between the two.
+   saved for backward (counted with ``saved_tensors_hooks``), which is what differs between the two,
+   and apex's consistency bank (``consistency_bank_size``) when it keeps one.
 2. The same loop plainly in-process against Ray Train with one worker: steady-state samples/s
    (median over logging windows, the first one dropped) and the fixed start-up cost.
 3. Ray Train with 1 and 2 workers (DDP, one torch thread each).
@@ -70,6 +72,15 @@ def state_bytes(strategy) -> int:
     return weights + trainable * 3  # + gradients + AdamW's two moments
 
 
+def fill_steps(objective_cfg, batch_size: int) -> int:
+    """Steps apex makes fresh reference calls before its consistency bank is full (0 without a bank)."""
+    p = objective_cfg.apex
+    if objective_cfg.name != "apex" or not p.consistency_bank_size or not p.consistency_weight:
+        return 0
+    rows = batch_size if p.generator_fraction >= 1 else min(batch_size - 1, max(1, round(batch_size * p.generator_fraction)))
+    return -(-p.consistency_bank_size // rows)
+
+
 def objective_costs(base_cfg, batch_size: int, steps: int, blocks: int) -> dict:
     """Interleaved blocks of apex and fm steps; step 1000 so apex's generator term is fully on."""
     from apexdistill.config import build_config
@@ -77,11 +88,12 @@ def objective_costs(base_cfg, batch_size: int, steps: int, blocks: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     batches = [_batch(batch_size, gen) for _ in range(4)]
     variants = {"apex": ["objective.name=apex"], "apex_no_anchor": ["objective.name=apex", "objective.apex.lambda_r=0"],
+                "apex_fresh_targets": ["objective.name=apex", "objective.apex.consistency_bank_size=0"],
                 "fm": ["objective.name=fm"]}
     strategies = {name: _setup(build_config(base_cfg.model_dump(mode="json"), ov)) for name, ov in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in strategies}
-    for name, s in strategies.items():  # warm-up
-        for i in range(3):
+    for name, s in strategies.items():  # warm-up, and with consistency_bank_size the steps that fill the bank
+        for i in range(3 + fill_steps(s.objective.cfg, batch_size)):
             _step(s, batches[i % 4], 1000)
     for _ in range(blocks):
         for name, s in strategies.items():
@@ -98,10 +110,11 @@ def objective_costs(base_cfg, batch_size: int, steps: int, blocks: int) -> dict:
             memory = torch.cuda.max_memory_allocated(device)
         else:
             memory = state_bytes(s) + saved_activation_bytes(s, batches[0], 1000)
+            memory += getattr(s.objective, "bank_bytes", 0)  # apex's consistency bank, when it keeps one (on CUDA: counted)
         out[name] = {"median_step_s": statistics.median(times[name]), "memory_mb": memory / 2**20,
                      "activations_mb": saved_activation_bytes(s, batches[0], 1000) / 2**20}
-    for name in ("apex", "apex_no_anchor"):
-        suffix = "" if name == "apex" else "_no_anchor"
+    for name in ("apex", "apex_no_anchor", "apex_fresh_targets"):
+        suffix = "" if name == "apex" else name[4:]
         out[f"time_ratio{suffix}"] = out[name]["median_step_s"] / out["fm"]["median_step_s"]
         out[f"memory_ratio{suffix}"] = out[name]["memory_mb"] / out["fm"]["memory_mb"]
         out[f"activation_ratio{suffix}"] = out[name]["activations_mb"] / out["fm"]["activations_mb"]
@@ -180,6 +193,10 @@ def main() -> None:
           f"{costs['memory_ratio']:.2f}x (activations {costs['activation_ratio']:.2f}x)", flush=True)
     print(f"[bench]     apex without the real anchor (lambda_r=0): {costs['apex_no_anchor']['median_step_s'] * 1e3:.1f} ms/step: "
           f"{costs['time_ratio_no_anchor']:.2f}x time, {costs['memory_ratio_no_anchor']:.2f}x memory", flush=True)
+    fill = fill_steps(cfg.objective, args.batch)
+    print(f"[bench]     apex with fresh reference targets every step (consistency_bank_size=0; with a bank, its first {fill} "
+          f"steps): {costs['apex_fresh_targets']['median_step_s'] * 1e3:.1f} ms/step: {costs['time_ratio_fresh_targets']:.2f}x time, "
+          f"{costs['memory_ratio_fresh_targets']:.2f}x memory", flush=True)
     if args.objectives_only:
         return
 
@@ -204,6 +221,7 @@ def main() -> None:
         metrics={"apex_over_fm_time": costs["time_ratio"], "apex_over_fm_memory": costs["memory_ratio"],
                  "apex_no_anchor_over_fm_time": costs["time_ratio_no_anchor"],
                  "apex_no_anchor_over_fm_memory": costs["memory_ratio_no_anchor"],
+                 "apex_fresh_targets_over_fm_time": costs["time_ratio_fresh_targets"],
                  "ray_over_plain": record["ray_over_plain"], "ray_startup_s": one["startup_s"],
                  "two_over_one_workers": record["two_over_one"], "plain_samples_per_s": plain["samples_per_s"],
                  "ray1_samples_per_s": one["samples_per_s"], "ray2_samples_per_s": two["samples_per_s"]},

@@ -893,3 +893,70 @@ def test_apex_without_anchor_skips_its_pass():
     assert m_without["loss_real"] == 0.0
     for key in ("loss_gen", "loss_fake"):
         assert m_without[key] == pytest.approx(m_with[key], rel=1e-12)
+
+
+def test_apex_consistency_bank_reuses_the_reference_targets_once_full():
+    """consistency_bank_size: the first steps' one-step and re-noised rows fill a bank with their reference displacements;
+    once it holds bank_size one-step rows, a step draws its generator rows (noise, prompt, target) from it and makes no
+    reference call. The banked rows' targets are the reference's RCGM targets for those rows."""
+    from apexdistill.method.twinflow import DISPLACEMENT_SOLVERS, RCGM_DELTA_T
+
+    n, k, steps, t2 = 8, 4, 2, 0.6
+    obj = make_objective("apex", apex={"consistency_weight": 1.0, "consistency_steps": steps, "consistency_solver": "midpoint",
+                                       "consistency_renoise_t": t2, "consistency_renoise_fraction": 0.5,
+                                       "consistency_renoise_source": "data", "consistency_bank_size": 2 * n,
+                                       "lambda_g": 0.0, "lambda_p": 0.0, "lambda_r": 0.0, **NO_GENERATOR_WARMUP})
+    live, ref = ToyVelocity().double(), ToyVelocity().double()
+    switch = ReferenceSwitch(live, ref)
+    obj.set_guidance(None, switch.reference)
+    rec = Recorder(switch)
+    filled = []  # (batch, the generator pass's inputs) of the steps that fill the bank
+    for step in range(2):
+        batch = make_batch(n)
+        obj.loss(rec, batch, step)
+        assert len(rec.calls) == 2 * steps + 3  # the reference's sub-steps, the generator, the fake branch, the real query
+        filled.append((batch, next(c for c in rec.calls if c["grad"])))
+        rec.calls.clear()
+    assert switch.sources == ["frozen", "frozen"]
+
+    loss, metrics = obj.loss(rec, make_batch(n), 2)  # new prompts and data, unused: the bank is full
+    assert switch.sources == ["frozen", "frozen"] and len(rec.calls) == 3, "no reference call once the bank is full"
+    gen = rec.calls[0]
+    assert gen["grad"] and gen["x"].shape[0] == n + k
+    assert torch.allclose(gen["t"], torch.cat([torch.full((n,), obj.cfg.apex.generator_t), torch.full((k,), t2)]).double())
+
+    def origin(row: Tensor, first: int, count: int) -> tuple[dict, int]:
+        """The filling step's batch and row that a drawn generator input came from."""
+        for batch, call in filled:
+            for i in range(first, first + count):
+                if torch.equal(call["x"][i], row):
+                    return batch, i - first
+        raise AssertionError("a drawn row is not one of the banked rows")
+
+    def residuals(rows: range, first: int, count: int, t: float) -> Tensor:
+        out = []
+        for j in rows:
+            batch, i = origin(gen["x"][j], first, count)
+            assert torch.equal(gen["text"][j], batch["text"][i]), "a banked row keeps its prompt"
+            x_t, x_src, text, mask = gen["x"][j : j + 1], batch["x"][i : i + 1], batch["text"][i : i + 1], batch["text_mask"][i : i + 1]
+            v = (x_t - (1 - t) * x_src) / t - x_src if t < 1 - 1e-3 else x_t - x_src  # the row's data step z - x
+            tt = torch.full((1,), t, dtype=torch.float64)
+            d = DISPLACEMENT_SOLVERS["midpoint"](lambda x_, t_, _r: ref(x_, t_, text, mask), x_t - RCGM_DELTA_T * v,
+                                                tt - RCGM_DELTA_T, torch.zeros_like(tt), steps)
+            with torch.no_grad():
+                f = live(x_t, tt, text, mask)
+            out.append(((t * f - d) / RCGM_DELTA_T - v).clamp(-1, 1).pow(2).flatten(1).mean(1))
+        return torch.cat(out)
+
+    one = residuals(range(n), 0, n, obj.cfg.apex.generator_t)
+    two = residuals(range(n, n + k), n, k, t2)
+    assert metrics["loss_cons_renoised"] == pytest.approx(float(two.mean()), rel=1e-9)
+    assert metrics["loss_cons"] == pytest.approx(float(one.mean() + two.mean()), rel=1e-9)
+
+
+def test_apex_consistency_bank_needs_a_frozen_reference_and_data_renoising():
+    with pytest.raises(ValueError, match="consistency_reference=frozen"):
+        make_objective("apex", apex={"consistency_weight": 1.0, "consistency_bank_size": 64, "consistency_reference": "ema"})
+    with pytest.raises(ValueError, match="consistency_renoise_source=data"):
+        make_objective("apex", apex={"consistency_weight": 1.0, "consistency_bank_size": 64, "consistency_renoise_t": 0.6,
+                                     "consistency_renoise_source": "student"})

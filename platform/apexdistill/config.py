@@ -265,6 +265,11 @@ class ApexConfig(_Section):
     consistency_reference: Literal["frozen", "ema"] = Field(
         "frozen", description="weights the consistency target's sub-steps come from: frozen (the initial weights, i.e. the "
         "teacher; the base with adapters disabled under LoRA) or ema (the EMA of the trained weights)")
+    consistency_bank_size: int = Field(
+        0, ge=0, description="reuse the frozen teacher's consistency targets: the first steps' one-step rows (noise, prompt, "
+        "target; the re-noised rows too) fill a bank of this many rows per worker, then every step draws its generator rows "
+        "from it and makes no reference call (the regression baseline's pair bank, for the consistency target). Needs "
+        "consistency_reference=frozen and, with re-noised rows, consistency_renoise_source=data. 0 = fresh targets every step")
     robust_eps: float = Field(
         0.0, ge=0.0, description="the released code's robust loss: every term becomes sqrt(d^2 + eps^2) - eps per sample, "
         "d^2 the sample's mean squared error (Charbonnier; its gradient is the squared error's over 2*sqrt(d^2 + eps^2), "
@@ -285,6 +290,13 @@ class ApexConfig(_Section):
     def _range(self) -> "ApexConfig":
         if self.renoise_min >= self.renoise_max:
             raise ValueError("renoise_min must be below renoise_max")
+        if self.consistency_bank_size:  # banked targets must not depend on the weights that were live when they were made
+            if self.consistency_reference != "frozen":
+                raise ValueError(f"consistency_bank_size={self.consistency_bank_size} reuses the consistency targets, which needs "
+                                 f"consistency_reference=frozen (the {self.consistency_reference} weights move every step)")
+            if self.consistency_renoise_t > 0 and self.consistency_renoise_source == "student":
+                raise ValueError(f"consistency_bank_size={self.consistency_bank_size} reuses the re-noised rows too, which needs "
+                                 "consistency_renoise_source=data (source student re-noises the current weights' samples)")
         return self
 
 
@@ -397,6 +409,9 @@ class EvalConfig(_Section):
                              "samples_per_class images per prompt and report the means (and the FD's spread across the draws): "
                              "at 100 per prompt one draw's FD proxy moves by ~0.17 (std) with the noise alone, about 5% of the "
                              "teacher's score. Costs one generation per draw; the in-training scores use one")
+    teacher_noise_draws: int | None = Field(None, ge=1, le=64, description="noise draws of the teacher's multi-step reference "
+                                            "row (teacher_nfe Euler steps: teacher_nfe times a 1-NFE row's cost); its first "
+                                            "draws are the other rows' first draws. Default: noise_draws")
 
     @model_validator(mode="after")
     def _nfe(self) -> "EvalConfig":

@@ -27,6 +27,9 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
             F(x_t2, t2, c) learns the jump to the reference's ODE endpoint, which the 2-NFE sampler's second query
             (t2 = 0.6) takes. Its reference sub-steps share the one-step target's calls and its rows join the
             generator's gradient pass.
+   With ``consistency_bank_size`` N > 0 (7'', frozen reference) the first steps' one-step and re-noised rows fill a bank
+            of N rows per worker with their targets (the regression baseline's pair bank); afterwards each step draws
+            its generator rows (noise, prompt, data step, target) from it and makes no reference call.
    total  = lambda_g*L_gen + lambda_p*L_fake + lambda_r*L_real + lambda_c*L_cons
    Two more options of the released code: ``robust_eps`` > 0 makes every term its per-sample Charbonnier
    sqrt(d^2 + eps^2) - eps of the sample's squared error d^2, and ``time_weighting=tan`` weights the rows of
@@ -60,6 +63,12 @@ class Apex(ShiftedObjective):
         # mean, directly against the generator term: it stops at anchor_t_max
         t_max = min(cfg.time.max, cfg.apex.anchor_t_max)
         self.anchor_time = cfg.time.model_copy(update={"max": t_max, "min": min(cfg.time.min, t_max / 2)})
+        self._bank = _TargetBank(cfg.apex.consistency_bank_size)
+
+    @property
+    def bank_bytes(self) -> int:
+        """Memory the consistency bank holds (``consistency_bank_size``; 0 without one)."""
+        return self._bank.nbytes()
 
     def gradient_passes(self) -> tuple[float, ...]:
         # the generator pass (its group, fB), then the fake branch (fB) and the anchor (the other rows, or
@@ -81,8 +90,16 @@ class Apex(ShiftedObjective):
         x_a, c_g, c_a, m_g, m_a = x[anchor], c[gen], c[anchor], _rows(mask, gen), _rows(mask, anchor)
         n = c_g.shape[0]
 
+        lambda_c = p.consistency_weight * (1.0 - ramp(step, 0, p.consistency_decay_steps) if p.consistency_decay_steps else 1.0)
+        k = min(n, max(1, round(n * p.consistency_renoise_fraction))) if lambda_c > 0 and p.consistency_renoise_t > 0 else 0
+        # 7''. with consistency_bank_size, once its bank is full the one-step rows (noise, prompt, target) come from it
+        key = _shape_key(x, c, mask)
+        banked = self._bank.draw(key, n, k) if lambda_c > 0 and self._bank.full(key) else None
         # 1. one-step generator from pure noise (gradient flows through it)
-        z = torch.randn_like(x[gen])
+        if banked:
+            (z, v_data, c_g, m_g, d_one), renoised = banked
+        else:
+            z = torch.randn_like(x[gen])
         t0 = torch.full((n,), p.generator_t, device=x.device, dtype=x.dtype)
         # 2. re-noise the detached sample at s
         z2 = torch.randn_like(z)
@@ -95,18 +112,26 @@ class Apex(ShiftedObjective):
         # 6'. and 7'. the targets that need the reference weights come first: those may be swapped into the
         # live parameters (the EMA, the kept teacher), so no graph may exist yet
         target_real = self._real_target(model, x_a, z3, x_real_t, t_real, c_a, m_a) if p.lambda_r > 0 else None
-        v_data = velocity_target(x[gen], z)  # the consistency target's small data step (a random data pairing)
-        lambda_c = p.consistency_weight * (1.0 - ramp(step, 0, p.consistency_decay_steps) if p.consistency_decay_steps else 1.0)
+        if not banked:
+            v_data = velocity_target(x[gen], z)  # the consistency target's small data step (a random data pairing)
         # the generator pass's inputs: the one-step rows, then (7') the first k of them re-noised to t2
         x_in, t_in, v_in, c_in, m_in = z, t0, v_data, c_g, m_g
-        k = min(n, max(1, round(n * p.consistency_renoise_fraction))) if lambda_c > 0 and p.consistency_renoise_t > 0 else 0
         if k:
-            m_k = _rows(m_g, slice(0, k))
-            x_2, t_2, v_2 = self._renoised_points(model, z[:k], x[gen][:k], t0[:k], c_g[:k], m_k)
+            if banked:
+                x_2, t_2, v_2, c_k, m_k, d_two = renoised
+            else:
+                c_k, m_k = c_g[:k], _rows(m_g, slice(0, k))
+                x_2, t_2, v_2 = self._renoised_points(model, z[:k], x[gen][:k], t0[:k], c_k, m_k)
             x_in, t_in, v_in = torch.cat([z, x_2]), torch.cat([t0, t_2]), torch.cat([v_data, v_2])
-            c_in, m_in = torch.cat([c_g, c_g[:k]]), cat_batches(m_g, m_k)
-        # one batched set of reference sub-steps for all of them
-        displacement = self._consistency_displacement(model, x_in, v_in, t_in, c_in, m_in) if lambda_c > 0 else None
+            c_in, m_in = torch.cat([c_g, c_k]), cat_batches(m_g, m_k)
+        if banked:
+            displacement = torch.cat([d_one, d_two]) if k else d_one
+        elif lambda_c > 0:  # one batched set of reference sub-steps for all of them
+            displacement = self._consistency_displacement(model, x_in, v_in, t_in, c_in, m_in)
+            if p.consistency_bank_size:
+                self._bank.add(key, (z, v_data, c_g, m_g, displacement[:n]), (x_2, t_2, v_2, c_k, m_k, displacement[n:]) if k else None)
+        else:
+            displacement = None
 
         # The generator output is needed before x_s exists, so the generator pass runs first;
         # the fake-branch and anchor passes then share one batched call.
@@ -216,6 +241,60 @@ class Apex(ShiftedObjective):
         with torch.no_grad(), self._reference(self.cfg.apex.guidance_reference, "objective.apex.guidance_ratio > 0"):
             v_cond, v_uncond = _split(model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c, neg]), cat_batches(mask, neg_mask)), n)
         return target + r * (v_cond - v_uncond).detach()
+
+
+class _TargetBank:
+    """``consistency_bank_size``: the frozen reference's consistency targets kept with their rows (noise, prompt, mask,
+    data step; the re-noised rows apart) and reused once ``size`` one-step rows are in, one bank per row shape (buckets).
+    The regression baseline's pair bank, for the consistency target: the first ``size / n`` steps pay the reference's
+    calls, the rest none. Not checkpointed: a resumed run fills it again."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.one: dict[tuple, list[tuple]] = {}
+        self.two: dict[tuple, list[tuple]] = {}
+
+    def rows(self, key: tuple) -> int:
+        return sum(part[0].shape[0] for part in self.one.get(key, []))
+
+    def full(self, key: tuple) -> bool:
+        return self.size > 0 and self.rows(key) >= self.size
+
+    def add(self, key: tuple, one: tuple, two: tuple | None) -> None:
+        if self.rows(key) >= self.size:
+            return
+        self.one.setdefault(key, []).append(_detached(one))
+        if two is not None:
+            self.two.setdefault(key, []).append(_detached(two))
+        if self.rows(key) >= self.size:  # full: one tensor per column from now on, so a draw copies only its rows
+            self.one[key] = [_joined(self.one[key])]
+            if key in self.two:
+                self.two[key] = [_joined(self.two[key])]
+
+    def draw(self, key: tuple, n: int, k: int) -> tuple[tuple, tuple | None]:
+        """n one-step rows and k re-noised rows, drawn uniformly with replacement."""
+        return _draw(self.one[key][0], n), (_draw(self.two[key][0], k) if k else None)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for bank in (self.one, self.two) for parts in bank.values() for part in parts
+                   for t in part if t is not None)
+
+
+def _detached(columns: tuple) -> tuple:
+    return tuple(None if t is None else t.detach() for t in columns)
+
+
+def _joined(parts: list[tuple]) -> tuple:
+    return tuple(None if col[0] is None else torch.cat(col) for col in zip(*parts))
+
+
+def _draw(columns: tuple, n: int) -> tuple:
+    idx = torch.randint(0, columns[0].shape[0], (n,), device=columns[0].device)
+    return tuple(None if col is None else col[idx] for col in columns)
+
+
+def _shape_key(x: Tensor, c: Tensor, mask: Tensor | None) -> tuple:
+    return tuple(x.shape[1:]), tuple(c.shape[1:]), None if mask is None else tuple(mask.shape[1:])
 
 
 def _rows(mask: Tensor | None, rows: slice) -> Tensor | None:
