@@ -270,6 +270,8 @@ def test_evaluate_rows_averages_independent_noise_draws(evaluator):
     table = format_table([both], evaluator.floor_fd)
     assert f"+-{both.fd_std:.2f}" in table and "means over 2 noise draws" in table
     assert "spread" not in format_table(singles)
+    mixed = [EvalRow("teacher", 50, 0.99, 3.0, 28.0, fd_std=0.2, draws=3), EvalRow("student", 1, 0.99, 3.7, 0.5, fd_std=0.3, draws=10)]
+    assert "means over 10 noise draws; teacher at 50 NFE: the first 3;" in format_table(mixed)
     with pytest.raises(ValueError, match="draws"):
         evaluate_rows("m", model, evaluator, text, mask, [1], "few_step", draws=0, samples_per_class=10)
 

@@ -30,12 +30,12 @@ class DigitsBench:
         )
         self.text_table, self.mask_table = text_table, mask_table
 
-    def score(self, name: str, model: torch.nn.Module, nfes: list[int], sampler: str) -> list[EvalRow]:
+    def score(self, name: str, model: torch.nn.Module, nfes: list[int], sampler: str, draws: int | None = None) -> list[EvalRow]:
         e = self.cfg.eval
         return evaluate_rows(
             name, model, self.evaluator, self.text_table, self.mask_table, nfes, sampler,
             samples_per_class=e.samples_per_class, seed=e.seed, batch_size=e.batch_size,
-            channels=1, resolution=self.cfg.data.resolution, draws=e.noise_draws,
+            channels=1, resolution=self.cfg.data.resolution, draws=draws or e.noise_draws,
         )
 
     def grid(self, models: list[tuple[str, torch.nn.Module, int, str]], path: Path, per_class: int = 1,
@@ -95,5 +95,7 @@ def format_table(rows: list[EvalRow], floor_fd: float | None = None) -> str:
     if floor_fd is not None:
         lines.append(f"{'real data (floor)':<22} {'':>4} {'':>9} {floor_fd:>9.2f}")
     if spread:
-        lines.append(f"(accuracy and FD proxy: means over {draws} noise draws; spread: the FD's std across them)")
+        fewer = [f"{r.model} at {r.nfe} NFE: the first {r.draws}" for r in rows if r.draws != draws]
+        lines.append(f"(accuracy and FD proxy: means over {draws} noise draws{'; ' if fewer else ''}{'; '.join(fewer)}; "
+                     "spread: the FD's std across them)")
     return "\n".join(lines)
