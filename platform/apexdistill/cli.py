@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--raw", action="store_true", help="evaluate the raw weights instead of the EMA")
     e.add_argument("--samples-per-class", type=int, default=None)
     e.add_argument("--draws", type=int, default=None, help="independent noise draws per row (eval.noise_draws): means and "
-                   "the FD's spread; one draw's FD proxy moves by ~0.17 with the noise alone")
+                   "the FD's spread; one draw's FD proxy moves by 0.25-0.35 (std) with the noise alone")
     e.add_argument("--workdir", default=None, help="where the evaluator's classifier is cached")
     e.add_argument("--prompt", action="append", default=None,
                    help="pipeline runs: a prompt for the teacher-vs-student grid (repeatable; default: captions of the run's cache)")

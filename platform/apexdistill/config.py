@@ -407,7 +407,7 @@ class EvalConfig(_Section):
     during_samples_per_class: int = Field(20, ge=1, description="images per prompt for the in-training scores")
     noise_draws: int = Field(1, ge=1, le=64, description="score each row on this many independent noise draws of "
                              "samples_per_class images per prompt and report the means (and the FD's spread across the draws): "
-                             "at 100 per prompt one draw's FD proxy moves by ~0.17 (std) with the noise alone, about 5% of the "
+                             "at 100 per prompt one draw's FD proxy moves by 0.25-0.35 (std) with the noise alone, about 10% of the "
                              "teacher's score. Costs one generation per draw; the in-training scores use one")
     teacher_noise_draws: int | None = Field(None, ge=1, le=64, description="noise draws of the teacher's multi-step reference "
                                             "row (teacher_nfe Euler steps: teacher_nfe times a 1-NFE row's cost); its first "
