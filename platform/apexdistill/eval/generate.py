@@ -17,6 +17,7 @@ from apexdistill.eval.metrics import DigitEvaluator, EvalRow
 from apexdistill.method.sampler import VelocityFn, sample_euler, sample_few_step
 
 Sampler = Literal["few_step", "euler"]
+DEFAULT_SEED = 1234  # eval.seed's default
 
 
 def _device_of(model: Any, fallback: torch.device) -> torch.device:
@@ -46,7 +47,7 @@ def generate(
     nfe: int,
     sampler: Sampler = "few_step",
     samples_per_class: int = 100,
-    seed: int = 1234,
+    seed: int = DEFAULT_SEED,
     batch_size: int = 500,
     channels: int = 1,
     resolution: int = 16,
@@ -128,7 +129,7 @@ def evaluate_rows(
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     kw.setdefault("resolution", evaluator.resolution)
-    seed = kw.pop("seed", 1234)
+    seed = kw.pop("seed", DEFAULT_SEED)
     rows = []
     for nfe in nfes:
         fds, accs, ms = [], [], None
