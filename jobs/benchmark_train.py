@@ -72,15 +72,6 @@ def state_bytes(strategy) -> int:
     return weights + trainable * 3  # + gradients + AdamW's two moments
 
 
-def fill_steps(objective_cfg, batch_size: int) -> int:
-    """Steps apex makes fresh reference calls before its consistency bank is full (0 without a bank)."""
-    p = objective_cfg.apex
-    if objective_cfg.name != "apex" or not p.consistency_bank_size or not p.consistency_weight:
-        return 0
-    rows = batch_size if p.generator_fraction >= 1 else min(batch_size - 1, max(1, round(batch_size * p.generator_fraction)))
-    return -(-p.consistency_bank_size // rows)
-
-
 def objective_costs(base_cfg, batch_size: int, steps: int, blocks: int) -> dict:
     """Interleaved blocks of apex and fm steps; step 1000 so apex's generator term is fully on."""
     from apexdistill.config import build_config
@@ -93,7 +84,7 @@ def objective_costs(base_cfg, batch_size: int, steps: int, blocks: int) -> dict:
     strategies = {name: _setup(build_config(base_cfg.model_dump(mode="json"), ov)) for name, ov in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in strategies}
     for name, s in strategies.items():  # warm-up, and with consistency_bank_size the steps that fill the bank
-        for i in range(3 + fill_steps(s.objective.cfg, batch_size)):
+        for i in range(3 + getattr(s.objective, "bank_fill_steps", lambda _: 0)(batch_size)):
             _step(s, batches[i % 4], 1000)
     for _ in range(blocks):
         for name, s in strategies.items():
@@ -193,7 +184,9 @@ def main() -> None:
           f"{costs['memory_ratio']:.2f}x (activations {costs['activation_ratio']:.2f}x)", flush=True)
     print(f"[bench]     apex without the real anchor (lambda_r=0): {costs['apex_no_anchor']['median_step_s'] * 1e3:.1f} ms/step: "
           f"{costs['time_ratio_no_anchor']:.2f}x time, {costs['memory_ratio_no_anchor']:.2f}x memory", flush=True)
-    fill = fill_steps(cfg.objective, args.batch)
+    from apexdistill.method.base import build_objective
+
+    fill = build_objective(cfg.objective).bank_fill_steps(args.batch)
     print(f"[bench]     apex with fresh reference targets every step (consistency_bank_size=0; with a bank, its first {fill} "
           f"steps): {costs['apex_fresh_targets']['median_step_s'] * 1e3:.1f} ms/step: {costs['time_ratio_fresh_targets']:.2f}x time, "
           f"{costs['memory_ratio_fresh_targets']:.2f}x memory", flush=True)

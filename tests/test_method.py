@@ -910,6 +910,7 @@ def test_apex_consistency_bank_reuses_the_reference_targets_once_full():
     switch = ReferenceSwitch(live, ref)
     obj.set_guidance(None, switch.reference)
     rec = Recorder(switch)
+    assert obj.bank_fill_steps(n) == 2
     filled = []  # (batch, the generator pass's inputs) of the steps that fill the bank
     for step in range(2):
         batch = make_batch(n)

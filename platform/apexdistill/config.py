@@ -413,6 +413,11 @@ class EvalConfig(_Section):
                                             "row (teacher_nfe Euler steps: teacher_nfe times a 1-NFE row's cost); its first "
                                             "draws are the other rows' first draws. Default: noise_draws")
 
+    @property
+    def reference_draws(self) -> int:
+        """Noise draws of the teacher's multi-step reference row."""
+        return self.teacher_noise_draws or self.noise_draws
+
     @model_validator(mode="after")
     def _nfe(self) -> "EvalConfig":
         bad = [n for n in self.nfe if n < 1]

@@ -39,7 +39,7 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
 
     cfg = demo_config(workdir, quick, overrides)
     started = time.time()
-    draws, ref_draws = cfg.eval.noise_draws, cfg.eval.teacher_noise_draws or cfg.eval.noise_draws
+    draws, ref_draws = cfg.eval.noise_draws, cfg.eval.reference_draws
     evaluation = SECONDS_PER_REFERENCE_DRAW * ref_draws + SECONDS_PER_DRAW * draws
     estimate = (FIXED_SECONDS + evaluation + SECONDS_PER_STEP * cfg.train.steps) / 60
     budget = f", or train.max_minutes={cfg.train.max_minutes:g} if that comes first" if cfg.train.max_minutes else ""
@@ -72,11 +72,10 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
     train_minutes = (time.time() - t0) / 60
     student, _ = load_trained_backbone(result.run_dir, use_ema=cfg.eval.use_ema)
 
-    draws, ref_draws = cfg.eval.noise_draws, cfg.eval.teacher_noise_draws or cfg.eval.noise_draws
     reference = f", the teacher's {cfg.eval.teacher_nfe} steps on the first {ref_draws}" if ref_draws != draws else ""
     print(f"[demo] 4/5 evaluating (same prompts and noise for every row; {draws} noise draw{'s' * (draws > 1)} of "
           f"{10 * cfg.eval.samples_per_class} images{reference})", flush=True)
-    rows = bench.score("teacher", teacher, [cfg.eval.teacher_nfe], "euler", draws=cfg.eval.teacher_noise_draws)
+    rows = bench.score("teacher", teacher, [cfg.eval.teacher_nfe], "euler", draws=ref_draws)
     rows += bench.score("teacher", teacher, [1], "few_step")
     rows += bench.score(f"student ({cfg.objective.name})", student, cfg.eval.nfe, "few_step")
 

@@ -70,6 +70,14 @@ class Apex(ShiftedObjective):
         """Memory the consistency bank holds (``consistency_bank_size``; 0 without one)."""
         return self._bank.nbytes()
 
+    def bank_fill_steps(self, batch_size: int) -> int:
+        """Steps that call the reference before the consistency bank is full (0 without a bank)."""
+        p = self.cfg.apex
+        if not p.consistency_bank_size or not p.consistency_weight:
+            return 0
+        gen, _ = self._groups(batch_size)
+        return -(-p.consistency_bank_size // (gen.stop - gen.start))
+
     def gradient_passes(self) -> tuple[float, ...]:
         # the generator pass (its group, fB), then the fake branch (fB) and the anchor (the other rows, or
         # all of them at f = 1) batched together
