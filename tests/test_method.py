@@ -69,7 +69,8 @@ class Recorder(nn.Module):
         out = self.model(x, t, text, text_mask, target_t=target_t)
         if out.requires_grad:
             out.retain_grad()
-        self.calls.append(dict(x=x, t=t.detach().clone(), text=text.detach().clone(), target_t=target_t, out=out, grad=torch.is_grad_enabled()))
+        self.calls.append(dict(x=x, t=t.detach().clone(), text=text.detach().clone(), mask=None if text_mask is None else text_mask.clone(),
+                               target_t=target_t, out=out, grad=torch.is_grad_enabled()))
         return out
 
 
@@ -953,6 +954,36 @@ def test_apex_consistency_bank_reuses_the_reference_targets_once_full():
     two = residuals(range(n, n + k), n, k, t2)
     assert metrics["loss_cons_renoised"] == pytest.approx(float(two.mean()), rel=1e-9)
     assert metrics["loss_cons"] == pytest.approx(float(one.mean() + two.mean()), rel=1e-9)
+
+
+def test_apex_consistency_bank_keeps_each_prompt_once():
+    """The bank stores each distinct (text states, mask) once, its rows an index into them: its bytes are the rows'
+    columns plus the distinct prompts only, and every drawn row still gets the prompt and mask it was banked with."""
+    n, k = 8, 4
+    obj = make_objective("apex", apex={"consistency_weight": 1.0, "consistency_steps": 1, "consistency_renoise_t": 0.6,
+                                       "consistency_renoise_fraction": 0.5, "consistency_renoise_source": "data",
+                                       "consistency_bank_size": 2 * n, **NO_GENERATOR_WARMUP})
+    switch = ReferenceSwitch(ToyVelocity().double(), ToyVelocity().double())
+    obj.set_guidance(None, switch.reference)
+    rec = Recorder(switch)
+    banked = []  # the generator pass's inputs of the two steps that fill the bank
+    for step in range(2):  # one prompt a batch; make_batch pads every second row, so two (text, mask) pairs a batch
+        obj.loss(rec, make_batch(n, same_text=True), step)
+        banked.append(next(c for c in rec.calls if c["grad"]))
+        rec.calls.clear()
+    latent, index, time = C * H * W * 8, 8, 8  # float64 columns, int64 text index
+    one_rows = 2 * n * (3 * latent + index)  # noise, data step, displacement
+    two_rows = 2 * k * (3 * latent + time + index)  # re-noised point, its time, data step, displacement
+    prompts = 4 * (TEXT_LEN * TEXT_DIM * 8 + TEXT_LEN * 4)  # 2 batches x 2 (text, float32 mask) pairs
+    assert obj.bank_bytes == one_rows + two_rows + prompts
+
+    obj.loss(rec, make_batch(n), 2)  # drawn from the bank
+    gen = rec.calls[0]
+    for j in range(n + k):
+        origin = [(c, i) for c in banked for i in range(n + k) if torch.equal(c["x"][i], gen["x"][j])]
+        assert len(origin) == 1, "a drawn row is one banked row"
+        call, i = origin[0]
+        assert torch.equal(gen["text"][j], call["text"][i]) and torch.equal(gen["mask"][j], call["mask"][i])
 
 
 def test_apex_consistency_bank_needs_a_frozen_reference_and_data_renoising():

@@ -268,7 +268,8 @@ class ApexConfig(_Section):
     consistency_bank_size: int = Field(
         0, ge=0, description="reuse the frozen teacher's consistency targets: the first steps' one-step rows (noise, prompt, "
         "target; the re-noised rows too) fill a bank of this many rows per worker, then every step draws its generator rows "
-        "from it and makes no reference call (the regression baseline's pair bank, for the consistency target). Needs "
+        "from it and makes no reference call (the regression baseline's pair bank, for the consistency target). The bank lives "
+        "in host memory, each distinct prompt's text states once. Needs "
         "consistency_reference=frozen and, with re-noised rows, consistency_renoise_source=data. 0 = fresh targets every step")
     robust_eps: float = Field(
         0.0, ge=0.0, description="the released code's robust loss: every term becomes sqrt(d^2 + eps^2) - eps per sample, "

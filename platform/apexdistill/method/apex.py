@@ -29,7 +29,8 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
             generator's gradient pass.
    With ``consistency_bank_size`` N > 0 (7'', frozen reference) the first steps' one-step and re-noised rows fill a bank
             of N rows per worker with their targets (the regression baseline's pair bank); afterwards each step draws
-            its generator rows (noise, prompt, data step, target) from it and makes no reference call.
+            its generator rows (noise, prompt, data step, target) from it and makes no reference call. The bank is in host
+            memory, each distinct prompt's text states kept once.
    total  = lambda_g*L_gen + lambda_p*L_fake + lambda_r*L_real + lambda_c*L_cons
    Two more options of the released code: ``robust_eps`` > 0 makes every term its per-sample Charbonnier
    sqrt(d^2 + eps^2) - eps of the sample's squared error d^2, and ``time_weighting=tan`` weights the rows of
@@ -43,6 +44,8 @@ first, before any graph exists.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import Tensor, nn
@@ -102,10 +105,10 @@ class Apex(ShiftedObjective):
         k = min(n, max(1, round(n * p.consistency_renoise_fraction))) if lambda_c > 0 and p.consistency_renoise_t > 0 else 0
         # 7''. with consistency_bank_size, once its bank is full the one-step rows (noise, prompt, target) come from it
         key = _shape_key(x, c, mask)
-        banked = self._bank.draw(key, n, k) if lambda_c > 0 and self._bank.full(key) else None
+        banked = self._bank.draw(key, n, k, x.device) if lambda_c > 0 and self._bank.full(key) else None
         # 1. one-step generator from pure noise (gradient flows through it)
         if banked:
-            (z, v_data, c_g, m_g, d_one), renoised = banked
+            (z, v_data, d_one, c_g, m_g), renoised = banked
         else:
             z = torch.randn_like(x[gen])
         t0 = torch.full((n,), p.generator_t, device=x.device, dtype=x.dtype)
@@ -126,7 +129,7 @@ class Apex(ShiftedObjective):
         x_in, t_in, v_in, c_in, m_in = z, t0, v_data, c_g, m_g
         if k:
             if banked:
-                x_2, t_2, v_2, c_k, m_k, d_two = renoised
+                x_2, t_2, v_2, d_two, c_k, m_k = renoised
             else:
                 c_k, m_k = c_g[:k], _rows(m_g, slice(0, k))
                 x_2, t_2, v_2 = self._renoised_points(model, z[:k], x[gen][:k], t0[:k], c_k, m_k)
@@ -137,7 +140,7 @@ class Apex(ShiftedObjective):
         elif lambda_c > 0:  # one batched set of reference sub-steps for all of them
             displacement = self._consistency_displacement(model, x_in, v_in, t_in, c_in, m_in)
             if p.consistency_bank_size:
-                self._bank.add(key, (z, v_data, c_g, m_g, displacement[:n]), (x_2, t_2, v_2, c_k, m_k, displacement[n:]) if k else None)
+                self._bank.add(key, (z, v_data, displacement[:n], c_g, m_g), (x_2, t_2, v_2, displacement[n:], c_k, m_k) if k else None)
         else:
             displacement = None
 
@@ -252,15 +255,18 @@ class Apex(ShiftedObjective):
 
 
 class _TargetBank:
-    """``consistency_bank_size``: the frozen reference's consistency targets kept with their rows (noise, prompt, mask,
-    data step; the re-noised rows apart) and reused once ``size`` one-step rows are in, one bank per row shape (buckets).
-    The regression baseline's pair bank, for the consistency target: the first ``size / n`` steps pay the reference's
-    calls, the rest none. Not checkpointed: a resumed run fills it again."""
+    """``consistency_bank_size``: the frozen reference's consistency targets kept with their rows (noise, data step,
+    displacement, prompt; the re-noised rows apart) and reused once ``size`` one-step rows are in, one bank per row shape
+    (buckets). The regression baseline's pair bank, for the consistency target: the first ``size / n`` steps pay the
+    reference's calls, the rest none. It lives in host memory (a draw moves its rows to the batch's device), and each
+    distinct prompt's text states (with their mask) are kept once, the rows holding an index into them. Not
+    checkpointed: a resumed run fills it again."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.one: dict[tuple, list[tuple]] = {}
+        self.one: dict[tuple, list[tuple]] = {}  # (columns..., text index) per shape key
         self.two: dict[tuple, list[tuple]] = {}
+        self.texts: dict[tuple, _TextTable] = {}
 
     def rows(self, key: tuple) -> int:
         return sum(part[0].shape[0] for part in self.one.get(key, []))
@@ -269,36 +275,73 @@ class _TargetBank:
         return self.size > 0 and self.rows(key) >= self.size
 
     def add(self, key: tuple, one: tuple, two: tuple | None) -> None:
+        """``one`` and ``two``: (columns..., text, mask) of the one-step and the re-noised rows."""
         if self.rows(key) >= self.size:
             return
-        self.one.setdefault(key, []).append(_detached(one))
-        if two is not None:
-            self.two.setdefault(key, []).append(_detached(two))
+        table = self.texts.setdefault(key, _TextTable())
+        for bank, part in ((self.one, one), (self.two, two)):
+            if part is not None:
+                *columns, text, mask = (None if t is None else t.detach().cpu() for t in part)
+                bank.setdefault(key, []).append((*columns, table.add(text, mask)))
         if self.rows(key) >= self.size:  # full: one tensor per column from now on, so a draw copies only its rows
-            self.one[key] = [_joined(self.one[key])]
-            if key in self.two:
-                self.two[key] = [_joined(self.two[key])]
+            for bank in (self.one, self.two):
+                if key in bank:
+                    bank[key] = [tuple(torch.cat(col) for col in zip(*bank[key]))]
+            table.join()
 
-    def draw(self, key: tuple, n: int, k: int) -> tuple[tuple, tuple | None]:
-        """n one-step rows and k re-noised rows, drawn uniformly with replacement."""
-        return _draw(self.one[key][0], n), (_draw(self.two[key][0], k) if k else None)
+    def draw(self, key: tuple, n: int, k: int, device: torch.device) -> tuple[tuple, tuple | None]:
+        """n one-step and k re-noised rows, drawn uniformly with replacement, as (columns..., text, mask) on ``device``."""
+        table = self.texts[key]
+
+        def rows(columns: tuple, count: int) -> tuple:
+            idx = torch.randint(0, columns[0].shape[0], (count,))
+            *picked, text_idx = (col[idx] for col in columns)
+            return tuple(None if t is None else t.to(device) for t in (*picked, *table.rows(text_idx)))
+
+        return rows(self.one[key][0], n), (rows(self.two[key][0], k) if k else None)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for bank in (self.one, self.two) for parts in bank.values() for part in parts
-                   for t in part if t is not None)
+        """Host memory it holds: the rows' columns and the distinct text states."""
+        columns = sum(_bytes(t) for bank in (self.one, self.two) for parts in bank.values() for part in parts for t in part)
+        return columns + sum(table.nbytes() for table in self.texts.values())
 
 
-def _detached(columns: tuple) -> tuple:
-    return tuple(None if t is None else t.detach() for t in columns)
+class _TextTable:
+    """A bank's distinct (text states, mask) rows, each kept once (rows are told apart by their bytes)."""
+
+    def __init__(self) -> None:
+        self.index: dict[bytes, int] = {}
+        self.kept: list[tuple[Tensor, Tensor | None]] = []
+        self.text: Tensor | None = None
+        self.mask: Tensor | None = None
+
+    def add(self, text: Tensor, mask: Tensor | None) -> Tensor:
+        """The table index of each of ``text``'s rows, adding the rows it has not seen."""
+        idx = []
+        for i in range(text.shape[0]):
+            row = (text[i], None if mask is None else mask[i])
+            digest = hashlib.blake2b(b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in row if t is not None),
+                                     digest_size=16).digest()
+            if digest not in self.index:
+                self.index[digest] = len(self.kept)
+                self.kept.append(tuple(None if t is None else t.clone() for t in row))  # not a view of the batch's storage
+            idx.append(self.index[digest])
+        return torch.tensor(idx, dtype=torch.int64)
+
+    def join(self) -> None:
+        self.text = torch.stack([row[0] for row in self.kept])
+        self.mask = None if self.kept[0][1] is None else torch.stack([row[1] for row in self.kept])
+        self.kept = []
+
+    def rows(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.text[idx], (None if self.mask is None else self.mask[idx])
+
+    def nbytes(self) -> int:
+        return sum(_bytes(t) for t in (self.text, self.mask)) + sum(_bytes(t) for row in self.kept for t in row)
 
 
-def _joined(parts: list[tuple]) -> tuple:
-    return tuple(None if col[0] is None else torch.cat(col) for col in zip(*parts))
-
-
-def _draw(columns: tuple, n: int) -> tuple:
-    idx = torch.randint(0, columns[0].shape[0], (n,), device=columns[0].device)
-    return tuple(None if col is None else col[idx] for col in columns)
+def _bytes(t: Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
 
 
 def _shape_key(x: Tensor, c: Tensor, mask: Tensor | None) -> tuple:
