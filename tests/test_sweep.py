@@ -96,10 +96,12 @@ def test_an_optuna_sweep_with_in_training_scores_runs_to_the_end(tmp_path, workd
         "name": "optuna", "budget": {"steps": 4}, "eval_every": 2, "search": "optuna", "num_samples": 2,
         "overrides": ["train.log_every=1"],  # progress reports at steps 1 and 3, between the scores
         "space": {"train.lr": {"loguniform": [1e-4, 1e-3]}}, "max_concurrent": 2,
+        "start_points": [{"train.lr": 3.21e-4}],  # the first trial's value; Optuna samples the second
         "resources": {"workers": 1, "cpus_per_worker": 0.35}})
     rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
     assert len(rows) == 2 and all(r.status == "finished" and r.metric is not None for r in rows), rows
     assert all(1e-4 <= r.params["train.lr"] <= 1e-3 for r in rows)
+    assert sum(r.params["train.lr"] == 3.21e-4 for r in rows) == 1, [r.params for r in rows]  # the start point ran once
     client, children = _children(cfg, _parent_id(cfg, "optuna"))
     assert len(children) == 2
     for c in children:  # the in-training score at step 2 and the final one reached the store
@@ -162,6 +164,10 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
         ({"name": "x", "space": {"train.lr": {"grid": [1e-3]}}, "scheduler": {"grace_period": 10}}, r"set eval_every"),
         ({"name": "x", "space": {"objective.shift.a,objective.shift.b": {"grid": [[1.0]]}}}, r"must list 2 values"),
         ({"name": "x", "space": {"train.steps": {"grid": [0]}}}, r"a trial config is invalid(.|\n)*train.steps"),
+        ({"name": "x", "search": "optuna", "num_samples": 2, "space": {"train.lr": {"loguniform": [1e-4, 1e-3]}, "train.ema_decay": {"choice": [0.9, 0.99]}}, "start_points": [{"train.lr": 3e-4}]}, r"start_points\[0\]: give a value for every space key; missing \['train.ema_decay'\]"),
+        ({"name": "x", "search": "optuna", "num_samples": 2, "space": {"train.lr": {"loguniform": [1e-4, 1e-3]}, "train.ema_decay": {"choice": [0.9, 0.99]}}, "start_points": [{"train.lr": 3e-3, "train.ema_decay": 0.99}]}, r"start_points\[0\].train.lr=0.003 is outside the space's loguniform"),
+        ({"name": "x", "search": "optuna", "num_samples": 2, "space": {"train.lr": {"loguniform": [1e-4, 1e-3]}, "train.ema_decay": {"choice": [0.9, 0.99]}}, "start_points": [{"train.lr": 3e-4, "train.ema_decay": 0.95}]}, r"start_points\[0\].train.ema_decay=0.95 is outside the space's choice"),
+        ({"name": "x", "space": {"train.lr": {"grid": [1e-3]}}, "start_points": [{"train.lr": 1e-3}]}, r"start points are for search='optuna'"),
     ],
 )
 def test_bad_sweep_files_are_refused_with_the_key(tmp_path, data, message):

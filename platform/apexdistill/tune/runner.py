@@ -229,7 +229,7 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
         if sweep.search == "optuna":
             from apexdistill.tune.searchers import ScoredOptunaSearch
 
-            search_alg = ScoredOptunaSearch(seed=cfg.run.seed)
+            search_alg = ScoredOptunaSearch(seed=cfg.run.seed, points_to_evaluate=sweep.start_points or None)
         scheduler = None
         if sweep.scheduler is not None:
             from ray.tune.schedulers import ASHAScheduler

@@ -11,6 +11,7 @@
     mode: min
     search: grid                                      # grid | random | optuna
     num_samples: 1                                    # grid: repeats of the grid; random/optuna: trials
+    start_points: [{train.lr: 3.0e-4}]                # optuna: trials run first with these values (every space key)
     scheduler: {name: asha, grace_period: 100, reduction_factor: 2}   # optional; time unit = training steps
     max_concurrent: 2
     resources: {workers: 0, cpus_per_worker: 0.45, use_gpu: false, driver_cpus: 0.1}   # 0: the trial trains itself
@@ -72,6 +73,9 @@ class SweepConfig(_Strict):
     mode: Literal["min", "max"] = "min"
     search: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(1, ge=1)
+    start_points: list[dict[str, Any]] = Field(
+        default_factory=list, description="search: optuna: the first trials take these values (one per space key), e.g. "
+        "the base config's recipe, so the search is measured against it in the same sweep; they count in num_samples")
     scheduler: Scheduler | None = None
     max_concurrent: int = Field(2, ge=1)
     resources: Resources = Field(default_factory=Resources)
@@ -116,6 +120,8 @@ class SweepConfig(_Strict):
             raise ValueError("search='optuna' samples its own points: use choice/uniform/loguniform/int instead of grid")
         if self.scheduler is not None and not self.eval_every:
             raise ValueError("scheduler: ASHA stops trials on in-training scores: set eval_every (e.g. 100)")
+        for i, point in enumerate(self.start_points):
+            _check_start_point(self, i, point)
         if self.scheduler is not None and self.eval_every and self.scheduler.grace_period < self.eval_every:
             raise ValueError(f"scheduler.grace_period={self.scheduler.grace_period} is shorter than eval_every={self.eval_every}")
         return self
@@ -141,7 +147,24 @@ class SweepConfig(_Strict):
             kind, values = next(iter(spec.items()))
             options.append([(key, v) for v in (values if kind in ("grid", "choice") else [values[0], values[1]])])
         combos = itertools.product(*options)
-        return [dict(c) for c in itertools.islice(combos, 256)]
+        return [dict(c) for c in itertools.islice(combos, 256)] + list(self.start_points)
+
+
+def _check_start_point(sweep: SweepConfig, i: int, point: dict[str, Any]) -> None:
+    where = f"start_points[{i}]"
+    if sweep.search != "optuna":
+        raise ValueError(f"{where}: start points are for search='optuna' (a grid already runs every point)")
+    if i >= sweep.num_samples:
+        raise ValueError(f"start_points: {len(sweep.start_points)} points but num_samples={sweep.num_samples}: they count in it")
+    if set(point) != set(sweep.space):
+        missing, extra = sorted(set(sweep.space) - set(point)), sorted(set(point) - set(sweep.space))
+        raise ValueError(f"{where}: give a value for every space key" + (f"; missing {missing}" if missing else "")
+                         + (f"; not in the space: {extra}" if extra else ""))
+    for key, value in point.items():
+        kind, values = next(iter(sweep.space[key].items()))
+        inside = value in values if kind == "choice" else isinstance(value, (int, float)) and values[0] <= value <= values[1]
+        if not inside:
+            raise ValueError(f"{where}.{key}={value!r} is outside the space's {kind} {values}")
 
 
 def expand(params: dict[str, Any]) -> dict[str, Any]:
