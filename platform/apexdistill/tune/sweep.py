@@ -141,7 +141,8 @@ class SweepConfig(_Strict):
         return [*self.overrides, *budget, *res, *evaluation, *(f"{k}={_yaml_value(v)}" for k, v in expand(params).items())]
 
     def corners(self) -> list[dict[str, Any]]:
-        """Every grid/choice combination (or the bounds of ranges): used to validate trial configs up front."""
+        """Every grid/choice combination (or the bounds of ranges), and the start points: used to validate trial
+        configs up front."""
         options = []
         for key, spec in self.space.items():
             kind, values = next(iter(spec.items()))
