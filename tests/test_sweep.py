@@ -86,6 +86,11 @@ def test_asha_stops_a_bad_trial_early(tmp_path, workdir):
     assert stopped, [(r.params, r.status, r.steps) for r in rows]
     assert all(r.steps < 12 for r in stopped)
     assert any(r.params["train.lr"] == 0.01 for r in stopped)
+    # in MLflow a stopped trial is KILLED, not FAILED (Tune stops a trial by raising SystemExit in its report)
+    _, children = _children(cfg, _parent_id(cfg, "asha"))
+    status = {r.trial_id: r.status for r in rows}
+    assert {c.data.tags["apexdistill.trial_id"]: c.info.status for c in children} == {
+        t: "KILLED" if st == "stopped early" else "FINISHED" for t, st in status.items()}
 
 
 def test_an_optuna_sweep_with_in_training_scores_runs_to_the_end(tmp_path, workdir):

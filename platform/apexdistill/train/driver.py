@@ -370,7 +370,8 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
                 reported, last_checkpoint = result.metrics, result.checkpoint
     except BaseException as exc:
         if handle is not None:
-            close_run(handle, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            # Ctrl-C, or a sweep's scheduler stopping the trial (Tune raises SystemExit in its report): not a failure
+            close_run(handle, "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     if last_checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
