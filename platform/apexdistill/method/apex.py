@@ -70,7 +70,7 @@ class Apex(ShiftedObjective):
 
     @property
     def bank_bytes(self) -> int:
-        """Memory the consistency bank holds (``consistency_bank_size``; 0 without one)."""
+        """Host memory the consistency bank holds (``consistency_bank_size``; 0 without one)."""
         return self._bank.nbytes()
 
     def bank_fill_steps(self, batch_size: int) -> int:
