@@ -162,7 +162,7 @@ def test_preprocess_train_lora_fsdp2_export_and_run_in_the_stock_pipeline(tiny, 
         "data.limit=48", "model.lora.enabled=true", "model.lora.rank=4", "train.steps=4", "train.batch_size=8",
         "train.num_workers=2", "train.strategy=fsdp2", "train.gradient_checkpointing=true", "train.cpus_per_worker=0.45",
         "train.log_every=2", "run.name=sana-lora",
-        "objective.apex.generator_warmup_steps=0",
+        "objective.apex.generator_warmup_steps=0", "eval.at_end=false",  # `apexdistill evaluate` scores it below
     ])
     assert cfg.objective.apex.guidance_ratio == pytest.approx(3.5)  # Sana's 4.5 - 1
     result = run_training(cfg)
@@ -200,18 +200,24 @@ def test_preprocess_train_lora_fsdp2_export_and_run_in_the_stock_pipeline(tiny, 
     images = sample_run(model, run_cfg, list(PROMPTS), 1, 1, seed=5)
     assert images.shape == (2, 3, SIDE, SIDE) and images.abs().max() <= 1.0
 
-    # `apexdistill evaluate` on a pipeline run: the teacher as users run it next to the student, a grid
-    # decoded through the VAE, and no digit metrics (said, not faked)
+    # `apexdistill evaluate` on a pipeline run: the teacher as users run it (its scheduler, CFG, 50 steps) against
+    # the student at 1 and 2 NFE over the run's captions, on a Ray Data actor, scored, decoded into a grid, and
+    # logged into the run's MLflow run
     from apexdistill.cli import main
 
-    grid = tmp_path / "eval.png"
+    out_dir = tmp_path / "quality"
     capsys.readouterr()
-    assert main(["evaluate", str(result.run_dir), "--nfe", "1", "2", "-o", str(grid)]) == 0
+    assert main(["evaluate", str(result.run_dir), "--nfe", "1", "2", "-o", str(out_dir), "eval.images_per_prompt=2",
+                 "eval.prompt_limit=4"]) == 0
     printed = capsys.readouterr().out
-    assert "| teacher | 50 |" in printed and "| student | 2 |" in printed and "built-in digits only" in printed
+    assert "| teacher (floor) | 50 |" in printed and "| student | 2 |" in printed and "FD to teacher" in printed
+    metrics = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.metrics
+    assert {"eval/fd_teacher_1nfe", "eval/fd_teacher_2nfe", "eval/diversity_1nfe", "eval/ms_per_image_2nfe",
+            "eval/teacher_fd_floor"} <= set(metrics)
     from PIL import Image
 
-    assert Image.open(grid).size[1] > 3 * SIDE  # three rows: teacher, student 1 NFE, student 2 NFE
+    assert Image.open(out_dir / "samples.png").size[1] > 3 * SIDE  # three rows: teacher, student 1 NFE, student 2 NFE
+    assert (out_dir / "per_image.parquet").is_file()
 
 
 @pytest.mark.parametrize("name", family_names())

@@ -99,14 +99,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from apexdistill.train.data import digit_caption_table
 
     model, cfg = _load_model_arg(args.run, use_ema=not args.raw, workdir=args.workdir)
-    if cfg.text_encoder.kind == "pipeline":
-        return _evaluate_pipeline_run(args, model, cfg)
+    if args.quality or cfg.text_encoder.kind == "pipeline" or args.overrides:
+        return _evaluate_quality(args, cfg)
     if {args.height or cfg.data.resolution, args.width or cfg.data.resolution} != {cfg.data.resolution}:
         raise ValueError(f"--height/--width: the digit classifier scores {cfg.data.resolution}x{cfg.data.resolution} images only; "
                          "use `apexdistill sample --height --width` to look at other sizes")
     if cfg.data.source != "digits" or cfg.vae.path:
         raise ValueError(f"'{args.run}': evaluate scores prompt accuracy and the FD proxy with the built-in digit classifier, "
-                         "so it needs a run on the built-in digits in pixel space; use `apexdistill sample` to look at this run")
+                         "so it needs a run on the built-in digits in pixel space; add --quality for the FD to the teacher, "
+                         "CLIP score and diversity")
     if args.workdir:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workdir": args.workdir})})
     if args.samples_per_class:
@@ -119,25 +120,52 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_pipeline_run(args: argparse.Namespace, model, cfg) -> int:
-    """A run distilled from a stock pipeline: the teacher as users run it next to the student, timed, one grid."""
-    from apexdistill.data.preprocess import distinct_captions
-    from apexdistill.eval.pipeline import evaluate_pipeline_run, format_pipeline_table
-    from apexdistill.train.data import DataShapes
+def _evaluate_quality(args: argparse.Namespace, cfg) -> int:
+    """FD to the teacher, CLIP score, diversity and end-to-end speed over a prompt set (Ray Data batch inference),
+    printed as a table and logged into the run's MLflow run."""
+    import json
+
+    from apexdistill.assets import BUILTIN
+    from apexdistill.config import build_config
+    from apexdistill.eval.quality import evaluate_quality, format_quality_table, prepare
+    from apexdistill.train.driver import connect, log_quality, run_logger
     from apexdistill.train.export import resolve_checkpoint
 
-    _, ckpt = resolve_checkpoint(args.run)
-    run_folder = ckpt.parent.parent
-    prompts = list(args.prompt or [r["caption"] for r in distinct_captions(DataShapes.load(run_folder).cache_uri, 4)])
-    if not prompts:
-        raise ValueError("no prompts: pass --prompt (the run's cache has no captions)")
-    out = Path(args.output) if args.output else run_folder / "eval" / "samples.png"
+    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("eval.")]
+    if bad:
+        raise ValueError(f"evaluate takes eval.* overrides only (the run's training settings are fixed), got: {' '.join(bad)}")
+    updates = [f"eval.nfe={json.dumps(list(args.nfe))}"]
+    if args.draws:
+        updates.append(f"eval.noise_draws={args.draws}")
+    if args.seed is not None:
+        updates.append(f"eval.seed={args.seed}")
+    if args.actors is not None:
+        updates.append(f"eval.actors={args.actors}")
+    cfg = build_config(cfg.model_dump(mode="json"), [*updates, *args.overrides], source=f"{args.run} with the evaluate overrides")
+    run_folder = None if args.run in BUILTIN else resolve_checkpoint(args.run)[1].parent.parent
+    if args.prompt:
+        from apexdistill.eval.prompts import prompt_set_from_list
+
+        prompts = prompt_set_from_list(list(args.prompt), "--prompt")
+    else:
+        prompts = None
     height, width = image_size(cfg, args.height, args.width)
-    rows = evaluate_pipeline_run(model, cfg, prompts, list(args.nfe), out, seed=args.seed, device=args.device or default_device(),
-                                 height=height, width=width)
-    print(format_pipeline_table(rows))
-    print(f"[evaluate] grid (rows: teacher at {cfg.eval.teacher_nfe} NFE with guidance {cfg.teacher.guidance_scale:g}, "
-          f"then the student at {', '.join(map(str, args.nfe))} NFE): {out}")
+    spec = prepare(args.run, cfg, run_folder, height, width, device=args.device or default_device(), use_ema=not args.raw,
+                   prompt_set=prompts)
+    out = Path(args.output) if args.output else (run_folder / "eval" / "quality" if run_folder else Path(cfg.run.workdir) / "eval" / "quality")
+    if spec.eval.actors:
+        connect(cfg, args.address)
+    print(f"[evaluate] {len(spec.prompt_set)} prompts x {spec.eval.images_per_prompt} images x {spec.eval.noise_draws} draw(s): "
+          f"the teacher at {spec.eval.teacher_nfe} NFE (guidance {cfg.teacher.guidance_scale:g}), the student at "
+          f"{', '.join(map(str, spec.eval.nfe))} NFE, {spec.eval.features} features, "
+          + (f"{spec.eval.actors} Ray Data actor(s)" if spec.eval.actors else "in this process"), flush=True)
+    report = evaluate_quality(spec, out_dir=out)
+    print(format_quality_table(report))
+    print(f"[evaluate] per-image scores, sample grid and summary: {out}")
+    logger, step = run_logger(run_folder) if run_folder else (None, 0)
+    if logger is not None:
+        log_quality(logger, report, out, step=step)
+        print(f"[evaluate] logged to MLflow run {logger.run_id}")
     return 0
 
 
@@ -293,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.resolution=32")
     pp.set_defaults(fn=_cmd_preprocess)
 
-    e = sub.add_parser("evaluate", help="score a run's checkpoint at 1/2/4 NFE (digits: accuracy and FD proxy; pipelines: "
-                                         "teacher vs student grid and ms/image)")
+    e = sub.add_parser("evaluate", help="score a run's checkpoint at 1/2/4 NFE (digits: accuracy and FD proxy; pipelines: FD "
+                                         "to the teacher, CLIP score, diversity and end-to-end ms/image over a prompt set)")
     e.add_argument("run", help="run folder (<workdir>/runs/<name>), a checkpoint folder, or builtin:teacher (the shipped "
                    "digits teacher; with --euler --nfe 50 its reference row)")
     e.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4])
@@ -302,15 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--raw", action="store_true", help="evaluate the raw weights instead of the EMA")
     e.add_argument("--samples-per-class", type=int, default=None)
     e.add_argument("--draws", type=int, default=None, help="independent noise draws per row (eval.noise_draws): means and "
-                   "the FD's spread; one draw's FD proxy moves by 0.25-0.35 (std) with the noise alone")
+                   "the spread; one draw's FD proxy moves by 0.25-0.35 (std) with the noise alone")
     e.add_argument("--workdir", default=None, help="where the evaluator's classifier is cached")
+    e.add_argument("--quality", action="store_true", help="the real-model scores (FD to the teacher, CLIP score, diversity, "
+                   "speed) on any run; pipeline runs always get them")
     e.add_argument("--prompt", action="append", default=None,
-                   help="pipeline runs: a prompt for the teacher-vs-student grid (repeatable; default: captions of the run's cache)")
-    e.add_argument("--seed", type=int, default=0, help="pipeline runs: noise seed of the grid")
-    e.add_argument("--device", default=None, help="pipeline runs: cpu or cuda (default: cuda when available)")
-    e.add_argument("-o", "--output", default=None, help="pipeline runs: the grid PNG (default <run>/eval/samples.png)")
-    e.add_argument("--height", type=int, default=None, help="pipeline runs: image height in pixels (default data.resolution)")
-    e.add_argument("--width", type=int, default=None, help="pipeline runs: image width in pixels (default data.resolution)")
+                   help="quality scores: a prompt (repeatable; default eval.prompts, else the run's captions)")
+    e.add_argument("--seed", type=int, default=None, help="quality scores: the noise seed (eval.seed)")
+    e.add_argument("--actors", type=int, default=None, help="quality scores: Ray Data actors (eval.actors; 0 = this process)")
+    e.add_argument("--address", default=None, help="Ray cluster address for the actors (default: local, or RAY_ADDRESS)")
+    e.add_argument("--device", default=None, help="quality scores: cpu or cuda (default: cuda when available)")
+    e.add_argument("-o", "--output", default=None, help="quality scores: folder for the per-image scores, the sample grid and "
+                   "the summary (default <run>/eval/quality)")
+    e.add_argument("--height", type=int, default=None, help="quality scores: image height in pixels (default data.resolution)")
+    e.add_argument("--width", type=int, default=None, help="quality scores: image width in pixels (default data.resolution)")
+    e.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.prompts=builtin:compositional eval.features=dinov2 "
+                   "eval.feature_model=/models/dinov2-base eval.clip_model=/models/clip-vit-l-14")
     e.set_defaults(fn=_cmd_evaluate)
 
     s = sub.add_parser("sample", help="write a PNG grid of samples for prompts")

@@ -414,6 +414,38 @@ class EvalConfig(_Section):
                                             "row (teacher_nfe Euler steps: teacher_nfe times a 1-NFE row's cost); its first "
                                             "draws are the other rows' first draws. Default: noise_draws")
 
+    # ---- pipeline runs (eval/quality.py): FD to the teacher, CLIP score, diversity, end-to-end speed
+    prompts: str | None = Field(None, description="pipeline runs: the prompt set: a text file (one prompt a line), a JSONL "
+                                "file (prompt, optional tags), a Parquet file or folder (path#column; default column prompt, "
+                                "caption or text), any fsspec URI, or a built-in set (builtin:compositional: about 200 "
+                                "GenEval-style prompts in six tagged categories); default: the run's own captions")
+    prompt_limit: int | None = Field(64, ge=1, description="pipeline runs: score the first N prompts of the set (null: all)")
+    images_per_prompt: int = Field(4, ge=2, description="pipeline runs: images of each prompt per noise draw (the diversity "
+                                   "is their mean pairwise feature distance)")
+    features: Literal["latent", "clip", "dinov2"] = Field(
+        "latent", description="feature space of the FD to the teacher, the FD to eval.reference and the diversity: latent (the "
+        "pipeline's own VAE latents, pooled: no weights needed), clip or dinov2 (a local transformers folder in "
+        "eval.feature_model)")
+    feature_model: str | None = Field(None, description="local CLIPModel or Dinov2Model folder (with its processor) for "
+                                      "eval.features=clip / dinov2")
+    clip_model: str | None = Field(None, description="local CLIPModel folder (with tokenizer and processor) for the CLIP "
+                                   "score; default: none (no CLIP score)")
+    reference: str | None = Field(None, description="real images to also report the FD to: an image folder (resized and "
+                                  "centre-cropped to data.resolution)")
+    actors: int = Field(1, ge=0, description="pipeline runs: Ray Data actors that generate and featurize (a GPU each with "
+                        "eval.actor_gpus); 0 = in this process, no Ray")
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs per evaluation actor (fractional on small machines)")
+    actor_gpus: float = Field(0.0, ge=0, description="GPUs per evaluation actor (1 on a GPU cluster)")
+    pipeline_batch_size: int = Field(8, ge=1, description="pipeline runs: images generated at once (the batch size the "
+                                     "speed is stated at)")
+
+    @model_validator(mode="after")
+    def _features(self) -> "EvalConfig":
+        if self.features != "latent" and not self.feature_model:
+            raise ValueError(f"eval.features='{self.features}' needs eval.feature_model (a local {self.features} model folder; "
+                             "nothing is downloaded), or use eval.features=latent, which needs no weights")
+        return self
+
     @property
     def reference_draws(self) -> int:
         """Noise draws of the teacher's multi-step reference row."""

@@ -27,7 +27,9 @@ class TrainResult:
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     eval_rows: list[Any] = field(default_factory=list)
-    checkpoint_uri: str = ""  # where the latest checkpoint is: the local folder, or its URI on run.storage_uri
+    checkpoint_uri: str = ""
+    #: the final scores as MLflow metrics (``eval_metrics`` of the digits rows, or a quality report's metrics)
+    eval_scores: dict[str, float] = field(default_factory=dict)  # where the latest checkpoint is: the local folder, or its URI on run.storage_uri
 
 
 def run_dir(cfg: Config) -> Path:
@@ -200,11 +202,17 @@ def sample_prompts(cfg: Config, cache_uri: str, limit: int = 8) -> dict[str, lis
     return {"text": text.tolist(), "mask": mask.tolist()}
 
 
-def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None, step: int = 0, weights_from: str | Path | None = None) -> list[Any]:
-    """1/2/4-NFE scores of the final (EMA) weights on the built-in digits, logged into the run, with a
-    sample grid (the teacher at ``eval.teacher_nfe`` above the student at each NFE, same prompts and
-    noise) and each row's ms/image on that batch (``speed/*``). Logged at the final training ``step``, so
-    they are the runs' latest values even where ``eval.every`` logged in-training scores earlier."""
+def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None, step: int = 0, weights_from: str | Path | None = None,
+                 actors: int | None = None) -> tuple[list[Any], dict[str, float]]:
+    """Score the final (EMA) weights and log them into the run, at the final training ``step`` (so they are the run's
+    latest values even where ``eval.every`` logged in-training scores earlier). Returns (rows, metrics).
+
+    On the built-in digits in pixel space: prompt accuracy and the FD proxy against the real test split, with a
+    sample grid (the teacher at ``eval.teacher_nfe`` above the student at each NFE) and each row's ms/image.
+    Otherwise (a stock pipeline, or any run with a teacher in ``model.path``): FD to the teacher, CLIP score, diversity
+    and end-to-end speed over the prompt set (``eval/quality.py``; ``actors`` overrides ``eval.actors``)."""
+    if not is_digits_run(cfg):
+        return _evaluate_quality_run(cfg, run_folder, logger, step, weights_from, actors)
     from apexdistill.eval.runner import DigitsBench, format_table
     from apexdistill.models.build import build_backbone
     from apexdistill.train.data import DataShapes, digit_caption_table
@@ -224,7 +232,69 @@ def evaluate_run(cfg: Config, run_folder: Path, logger: Any | None, step: int = 
         log_eval_rows(logger, rows, bench.evaluator.floor_fd, step=step)
         logger.log_metrics(grid.speed_metrics(), step)
         logger.log_artifacts(grid.path.parent, "eval")
-    return rows
+    return rows, eval_metrics(rows)
+
+
+def is_digits_run(cfg: Config) -> bool:
+    """A run the built-in digit classifier can score (the digits, in pixel space)."""
+    return cfg.data.source == "digits" and not cfg.vae.path
+
+
+def available_metrics(cfg: Config, in_training: bool = False) -> list[str]:
+    """The ``eval/*`` metrics a run of this config reports at its end (and, ``in_training``, with ``eval.every``)."""
+    e = cfg.eval
+    per_nfe: list[str] = []
+    if is_digits_run(cfg):
+        per_nfe = ["fd", "ms_per_image"] + ([] if e.feature_extractor else ["accuracy"]) + (["fd_std"] if e.noise_draws > 1 else [])
+        during = ["eval/fd_1nfe"] + ([] if e.feature_extractor else ["eval/accuracy_1nfe"])
+        extra = ["eval/floor_fd"]
+    elif cfg.model.path:
+        per_nfe = ["fd_teacher", "diversity", "ms_per_image", "ms_transformer", "speedup"] + \
+            (["clip_score"] if e.clip_model else []) + (["fd_real"] if e.reference else []) + \
+            (["fd_teacher_std"] if e.noise_draws > 1 else [])
+        during = ["eval/fd_teacher_1nfe", "eval/diversity_1nfe"]
+        extra = ["eval/teacher_fd_floor", "eval/teacher_ms_per_image"] + (["eval/teacher_clip_score"] if e.clip_model else [])
+    else:
+        return []
+    names = [f"eval/{m}_{n}nfe" for n in e.nfe for m in per_nfe] + extra
+    return sorted(set(names + (during if in_training else [])))
+
+
+def _evaluate_quality_run(cfg: Config, run_folder: Path, logger: Any | None, step: int, weights_from: str | Path | None,
+                          actors: int | None) -> tuple[list[Any], dict[str, float]]:
+    from apexdistill.eval.quality import evaluate_quality, format_quality_table, prepare
+
+    source = str(weights_from or run_folder)
+    spec = prepare(source, cfg, run_folder, cfg.data.resolution, cfg.data.resolution, use_ema=cfg.eval.use_ema)
+    out = run_folder / "eval" / "quality"
+    report = evaluate_quality(spec, actors=actors, out_dir=out)
+    print(format_quality_table(report), flush=True)
+    if logger is not None:
+        log_quality(logger, report, out, step=step)
+    return report.rows, report.metrics()
+
+
+def log_quality(logger: Any, report: Any, folder: Path, step: int = 0) -> None:
+    """A quality report into an MLflow run: its metrics at ``step``, the prompt set's hash as a tag, and the
+    per-image scores, sample grid and summary as artifacts under ``eval/quality``."""
+    logger.log_metrics(report.metrics(), step)
+    logger.set_tags({"apexdistill.eval_prompt_hash": report.prompt_hash, "apexdistill.eval_prompt_set": report.prompt_set[:250],
+                     "apexdistill.eval_features": report.features})
+    logger.log_artifacts(folder, "eval/quality")
+
+
+def run_logger(run_folder: Path) -> tuple[Any | None, int]:
+    """The MLflow run a run folder logs into (``mlflow_run.json``) and its last checkpoint's step, or (None, 0)."""
+    import json
+
+    from apexdistill.tracking import RUN_FILE, RunLogger
+    from apexdistill.train.export import _trained_steps
+
+    record = Path(run_folder) / RUN_FILE
+    if not record.is_file():
+        return None, 0
+    data = json.loads(record.read_text())
+    return RunLogger(data["uri"], data["run_id"]), int(_trained_steps(run_folder) or 0)
 
 
 def eval_metrics(rows: list[Any], prefix: str = "eval") -> dict[str, float]:
@@ -256,6 +326,31 @@ def log_eval_rows(logger: Any, rows: list[Any], floor_fd: float | None = None, p
         metrics[f"{prefix}/floor_fd"] = floor_fd
     logger.log_metrics(metrics, step)
     logger.log_dict({"rows": [r.as_dict() for r in rows], "floor_fd": floor_fd}, f"{prefix}/results.json")
+
+
+def _close_failed(handle: Any, exc: BaseException) -> None:
+    """Close the MLflow run of a run that stopped: KILLED for Ctrl-C or a sweep's scheduler stopping the trial (Tune
+    raises SystemExit in its report), else FAILED with the error's last line as the tag ``apexdistill.error`` and its
+    traceback as the artifact ``error.txt``."""
+    if handle is None:
+        return
+    from apexdistill.tracking import RunLogger, close_run
+
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        close_run(handle, "KILLED")
+        return
+    import traceback
+
+    try:
+        logger = RunLogger.from_handle(handle)
+        cause = exc
+        while getattr(cause, "__cause__", None) is not None:  # Ray wraps a worker's error: its cause says why
+            cause = cause.__cause__
+        lines = [line for line in f"{type(cause).__name__}: {cause}".strip().splitlines() if line.strip()]
+        logger.set_tags({"apexdistill.error": (lines[-1] if lines else type(cause).__name__)[:500]})
+        logger.log_text("".join(traceback.format_exception(exc)), "error.txt")
+    finally:
+        close_run(handle, "FAILED")
 
 
 def run_training(cfg: Config, address: str | None = None, evaluate: bool | None = None, parent_run_id: str | None = None,
@@ -369,9 +464,7 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
                     raise result.error
                 reported, last_checkpoint = result.metrics, result.checkpoint
     except BaseException as exc:
-        if handle is not None:
-            # Ctrl-C, or a sweep's scheduler stopping the trial (Tune raises SystemExit in its report): not a failure
-            close_run(handle, "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        _close_failed(handle, exc)
         raise
     if last_checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
@@ -389,13 +482,22 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     if logger is not None:
         logger.set_tags({"apexdistill.checkpoint": checkpoint_uri})
         logger.log_metrics({"fit_seconds": time.time() - started})
+    scores: dict[str, float] = {}
     if evaluate is None:
-        evaluate = cfg.eval.at_end and cfg.data.source == "digits" and not cfg.vae.path
+        evaluate = cfg.eval.at_end and (is_digits_run(cfg) or bool(cfg.model.path))
     if evaluate:
-        print("[train] evaluating the final weights on the built-in digits", flush=True)
-        rows = evaluate_run(cfg, out, logger, step=int(metrics.get("step") or 0), weights_from=storage.run_uri if storage else None)
+        print("[train] evaluating the final weights " + ("on the built-in digits" if is_digits_run(cfg) else
+              "against the teacher (eval.at_end=false skips this)"), flush=True)
+        # a sweep trial scores in its own process: its CPUs are reserved, actors would wait for others
+        try:
+            rows, scores = evaluate_run(cfg, out, logger, step=int(metrics.get("step") or 0),
+                                        weights_from=storage.run_uri if storage else None, actors=0 if tune_trial else None)
+        except BaseException as exc:
+            _close_failed(handle, exc)
+            raise
     if handle is not None:
         close_run(handle, "FINISHED")
     return TrainResult(run_dir=out, checkpoint_dir=checkpoint, checkpoint_uri=checkpoint_uri, metrics=metrics, eval_rows=rows,
+                       eval_scores=scores,
                        mlflow_run_id=handle.run_id if handle else None, tracking_uri=handle.uri if handle else None)
 

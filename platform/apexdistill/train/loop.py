@@ -321,41 +321,142 @@ def _quiet_report_lines() -> None:
 
 
 class InTrainingEval:
-    """``eval.every``: 1-NFE prompt accuracy and FD proxy on the built-in digits during training, reported
-    with the step's metrics (what ASHA stops trials on). EMA weights for ``none``/``ddp``; the live
-    sharded weights for ``fsdp2``/``deepspeed`` (every rank runs the sampler, rank 0's scores count)."""
+    """``eval.every``: scores during training, reported with the step's metrics (what ASHA stops trials on). EMA
+    weights for ``none``/``ddp``; the live sharded weights for ``fsdp2``/``deepspeed`` (every rank runs the sampler,
+    rank 0's scores count).
 
-    def __init__(self, cfg: Config, loop_config: dict[str, Any], device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
+    On the built-in digits: 1-NFE prompt accuracy and FD proxy. Otherwise, with a teacher in ``model.path``: the
+    1-NFE FD to the teacher and the diversity ratio (``eval/fd_teacher_1nfe``, ``eval/diversity_1nfe``) in the
+    weight-free latent space, on the fixed prompts' states and ``eval.during_samples_per_class`` images each: the
+    full evaluation's (``eval/quality.py``) definitions on a small subset. The teacher's reference draw is sampled
+    once, from the weights before the first step (the teacher's), and kept in the run folder for a resume."""
+
+    REFERENCE_FILE = "eval/in_training_teacher_reference.safetensors"
+
+    def __init__(self, cfg: Config, loop_config: dict[str, Any], device: torch.device, run_dir: Path | None = None,
+                 channels: int = 1, resolution: int = 16) -> None:
+        self.cfg, self.device, self.run_dir = cfg, device, run_dir
         prompts = loop_config.get("sample_prompts")
-        self.enabled = bool(cfg.eval.every) and cfg.data.source == "digits" and not cfg.vae.path and bool(prompts)
-        if not self.enabled:
-            return
-        from apexdistill.eval.runner import DigitsBench
+        digits = cfg.data.source == "digits" and not cfg.vae.path
+        self.kind = None if not (cfg.eval.every and prompts) else "digits" if digits else "teacher" if cfg.model.path else None
+        self.enabled = self.kind is not None
+        if self.kind == "digits":
+            from apexdistill.eval.runner import DigitsBench
 
-        eval_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"samples_per_class": cfg.eval.during_samples_per_class,
-                                                                                "noise_draws": 1})})
-        self.bench = DigitsBench(eval_cfg, torch.tensor(prompts["text"]), torch.tensor(prompts["mask"]))
+            eval_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
+                "samples_per_class": cfg.eval.during_samples_per_class, "noise_draws": 1})})
+            self.bench = DigitsBench(eval_cfg, torch.tensor(prompts["text"]), torch.tensor(prompts["mask"]))
+        elif self.kind == "teacher":
+            from apexdistill.eval.quality import image_seed
+
+            k = cfg.eval.during_samples_per_class
+            text, mask = torch.tensor(prompts["text"], dtype=torch.float32), torch.tensor(prompts["mask"])
+            self.groups = torch.arange(text.shape[0]).repeat_interleave(k)
+            self.text, self.mask = text[self.groups], mask[self.groups]
+            neg = loop_config.get("negative")
+            self.neg = (torch.tensor(neg["text"], dtype=torch.float32), torch.tensor(neg["mask"])) if neg else None
+
+            def noise(draw: int) -> torch.Tensor:
+                return torch.stack([torch.randn((channels, resolution, resolution), generator=torch.Generator().manual_seed(
+                    image_seed(cfg.eval.seed, draw, int(p), i % k))) for i, p in enumerate(self.groups)])
+            self.z, self.z_ref = noise(0), noise(1)
+            self.reference: torch.Tensor | None = None
 
     def due(self, step: int) -> bool:
         return self.enabled and step % self.cfg.eval.every == 0
 
-    @torch.no_grad()
-    def __call__(self, strategy: Strategy) -> dict[str, float]:
+    def _model(self, strategy: Strategy) -> torch.nn.Module:
         import copy
 
         model = strategy.backbone
         if strategy.ema is not None and strategy.name in ("none", "ddp"):
             model = strategy.ema.copy_to(copy.deepcopy(strategy.backbone))
+        return model
+
+    @torch.no_grad()
+    def _sample(self, model: torch.nn.Module, z: torch.Tensor, teacher: bool) -> torch.Tensor:
+        """In batches of ``eval.pipeline_batch_size``: the teacher with its scheduler and CFG, or the student at 1 NFE."""
+        from apexdistill.method.sampler import sample_euler, sample_few_step
+
+        pipeline = self.cfg.text_encoder.kind == "pipeline"
+        out = []
+        step = self.cfg.eval.pipeline_batch_size
+        for start in range(0, z.shape[0], step):
+            zb = z[start:start + step].to(self.device)
+            text, mask = self.text[start:start + step].to(self.device), self.mask[start:start + step].to(self.device)
+            g = torch.Generator(device=self.device).manual_seed(self.cfg.eval.seed + start)
+            if pipeline:
+                from apexdistill.models.family import get_family
+
+                family = get_family(self.cfg.model.backbone)
+                if teacher:
+                    from apexdistill.eval.pipeline import load_teacher_scheduler
+
+                    neg, neg_mask = self.neg if self.neg is not None else (None, None)
+                    guidance = float(self.cfg.teacher.guidance_scale or 1.0)
+                    x = family.sample(model, load_teacher_scheduler(self.cfg.model.path), zb, text, mask, self.cfg.eval.teacher_nfe,
+                                      guidance, neg if family.uses_cfg(guidance) else None, neg_mask, generator=g)
+                else:
+                    x = family.sample_student(model, zb, text, mask, 1, generator=g)
+            else:
+                x = sample_euler(model, zb, text, mask, nfe=self.cfg.eval.teacher_nfe) if teacher else \
+                    sample_few_step(model, zb, text, mask, nfe=1, generator=g)
+            out.append(x.float().cpu())
+        return torch.cat(out)
+
+    def prepare(self, strategy: Strategy, resumed: bool, rank: int) -> None:
+        """Before the first step: the teacher's reference draw from the initial weights, or, on a resume, the one
+        the run kept (no rank scores without it: a sharded forward needs every rank)."""
+        if self.kind != "teacher":
+            return
+        from safetensors.torch import load_file, save_file
+
+        path = self.run_dir / self.REFERENCE_FILE if self.run_dir is not None else None
+        have = path is not None and path.is_file()
+        if resumed:
+            ok = torch.tensor([1 if have else 0])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+            if not int(ok):
+                self.enabled = False
+                _log(rank, f"[train] eval.every: no teacher reference kept in {path}; the in-training scores are off for this resume")
+                return
+            self.reference = load_file(str(path))["latents"]
+            return
+        model = strategy.backbone
         was_training = model.training
-        rng = torch.get_rng_state()  # scoring must not shift the training noise
-        (row,) = self.bench.score("train", model.eval(), [1], "few_step")
+        rng = torch.get_rng_state()
+        self.reference = self._sample(model.eval(), self.z_ref, teacher=True)
         torch.set_rng_state(rng)
         model.train(was_training)
-        out = {"eval/fd_1nfe": row.fd}
-        if row.accuracy is not None:
-            out["eval/accuracy_1nfe"] = row.accuracy
-        return out
+        if rank == 0 and path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"latents": self.reference.contiguous()}, str(path))
+
+    @torch.no_grad()
+    def __call__(self, strategy: Strategy) -> dict[str, float]:
+        model = self._model(strategy)
+        was_training = model.training
+        rng = torch.get_rng_state()  # scoring must not shift the training noise
+        try:
+            if self.kind == "digits":
+                (row,) = self.bench.score("train", model.eval(), [1], "few_step")
+                out = {"eval/fd_1nfe": row.fd}
+                if row.accuracy is not None:
+                    out["eval/accuracy_1nfe"] = row.accuracy
+                return out
+            from apexdistill.eval.features import pooled_latents
+            from apexdistill.eval.metrics import frechet_distance
+            from apexdistill.eval.quality import diversity
+
+            student = pooled_latents(self._sample(model.eval(), self.z, teacher=False)).numpy()
+            reference = pooled_latents(self.reference).numpy()
+            groups = self.groups.numpy()
+            return {"eval/fd_teacher_1nfe": frechet_distance(student, reference),
+                    "eval/diversity_1nfe": diversity(student, groups) / max(diversity(reference, groups), 1e-12)}
+        finally:
+            torch.set_rng_state(rng)
+            model.train(was_training)
 
 
 @contextlib.contextmanager
@@ -452,7 +553,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: Any = None) -> N
 
     logger = RunLogger.from_handle(loop_config.get("tracking")) if rank == 0 else None
     sampler = SampleLogger(cfg, loop_config, device, logger, shapes.channels, shapes.resolution)
-    scorer = InTrainingEval(cfg, loop_config, device)
+    scorer = InTrainingEval(cfg, loop_config, device, run_dir, shapes.channels, shapes.resolution)
 
     step, trained_seconds = 0, 0.0
     storage = RunStorage.from_config(cfg)
@@ -468,6 +569,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: Any = None) -> N
         step, trained_seconds = int(state["step"]), float(state.get("trained_seconds", 0.0))
         batches.resume_at(step, batch_rng)
         _log(rank, f"[train] resumed at step {step} from {where}")
+    scorer.prepare(strategy, resumed=resume is not None, rank=rank)
 
     n_train = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
     accum = cfg.train.grad_accum_steps

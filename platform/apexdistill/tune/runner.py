@@ -110,7 +110,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], sweep_data: dict[str, A
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from apexdistill.train.driver import eval_metrics, run_training
+    from apexdistill.train.driver import run_training
 
     sweep = SweepConfig.model_validate(sweep_data)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -118,7 +118,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], sweep_data: dict[str, A
     result = run_training(cfg, evaluate=True, parent_run_id=parent["run_id"] if parent else None,
                           train_callbacks=[TuneReportCallback()] if sweep.resources.workers else None, tune_trial=True, run_tags={"apexdistill.sweep": sweep.name,
                                                                             "apexdistill.trial_id": trial_id})
-    final: dict[str, Any] = {"step": int(result.metrics.get("step", 0)), "final": 1, **eval_metrics(result.eval_rows)}
+    final: dict[str, Any] = {"step": int(result.metrics.get("step", 0)), "final": 1, **result.eval_scores}
     if result.mlflow_run_id:
         final["mlflow_run_id"] = result.mlflow_run_id
     ray.tune.report(final)
@@ -187,9 +187,38 @@ def sweep_progress(sweep: SweepConfig) -> Any:
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
-            print(f"[sweep] FAILED {trial.trial_id}: see {trial.local_path or 'its trial folder'}", flush=True)
+            print(f"[sweep] FAILED {trial.trial_id}: {trial_error_line(trial)} (traceback: {trial.local_path or 'its trial folder'})",
+                  flush=True)
 
     return SweepProgress()
+
+
+def trial_error_line(trial: Any) -> str:
+    """The last line of a failed trial's exception (Tune wraps it: the cause's own message is what says why)."""
+    error: BaseException | None = None
+    try:
+        error = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001 - an unreadable error file: fall back to its text
+        error = None
+    while error is not None and getattr(error, "__cause__", None) is not None:
+        error = error.__cause__
+    text = f"{type(error).__name__}: {error}" if error is not None else ""
+    if not text.strip() and trial.error_file and Path(trial.error_file).is_file():
+        text = Path(trial.error_file).read_text()
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def check_sweep_metric(cfg: Config, sweep: SweepConfig) -> None:
+    """A sweep ranks its trials by a metric the runs report: refused before any trial starts otherwise."""
+    from apexdistill.train.driver import available_metrics
+
+    if not sweep.metric.startswith("eval/"):
+        return  # a training metric (loss, ...): every run reports those
+    names = available_metrics(cfg, in_training=bool(sweep.eval_every))
+    if sweep.metric not in names:
+        raise ValueError(f"metric: '{sweep.metric}' is not reported by this sweep's runs; they report "
+                         f"{', '.join(names) or 'no eval/* metric (no teacher in model.path to score against)'}")
 
 
 def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: str | None = None) -> list[TrialRow]:
@@ -205,6 +234,7 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
     # trials run in Tune's trial folders: a relative ./apex-runs there is a new work directory with no
     # cache, whose rebuild by two trials at once starves Ray Data of CPUs (seen: a sweep stuck for minutes)
     cfg = with_absolute_paths(cfg)
+    check_sweep_metric(cfg, sweep)
     connect(cfg, address)
     folder = sweep_dir(cfg, sweep)
     folder.mkdir(parents=True, exist_ok=True)

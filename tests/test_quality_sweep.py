@@ -1,0 +1,92 @@
+"""Sweeps ranked by real-model quality (issue: a sweep on a stock pipeline failed every trial in the digits'
+evaluation): a 2-trial Ray Tune sweep on a tiny stock Sana pipeline ranked by ``eval/fd_teacher_1nfe``, a metric
+the runs cannot report refused before any trial starts, and a trial that raises shown with its exception's last
+line on the console and in its MLflow child run. Real local Ray Tune, real SQLite MLflow, real pipeline classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from apexdistill.config import build_config
+from apexdistill.tune.runner import run_sweep
+from apexdistill.tune.sweep import load_sweep
+
+pytestmark = pytest.mark.timeout(600)
+
+SIDE, L = 32, 24
+RESOURCES = {"workers": 0, "cpus_per_worker": 0.45}
+
+
+@pytest.fixture(scope="module")
+def sana(tmp_path_factory):
+    from apexdistill.models.family import get_family
+
+    return get_family("sana").build_tiny_pipeline(tmp_path_factory.mktemp("sweep-sana") / "sana", seed=0)
+
+
+def _pipeline_base(workdir, sana):
+    return build_config({}, [
+        f"model.path={sana}", f"run.workdir={workdir}", f"data.resolution={SIDE}", f"text_encoder.max_length={L}", "data.limit=32",
+        "model.lora.enabled=true", "model.lora.rank=4", "train.batch_size=8", "train.log_every=2", "train.checkpoint_every=0",
+        "objective.apex.generator_warmup_steps=0", "eval.prompt_limit=4", "eval.images_per_prompt=2", "eval.teacher_nfe=4",
+        "eval.nfe=[1]", "tracking.experiment=quality-sweeps"])
+
+
+def _sweep_file(tmp_path, name, metric, space, **extra):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "metric": metric, "budget": {"steps": 4}, "space": space, "max_concurrent": 2,
+                                    "resources": RESOURCES, **extra}, sort_keys=False))
+    return path
+
+
+def _children(workdir, experiment, name):
+    parent = json.loads((Path(workdir) / "sweeps" / name / "parent_run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{Path(workdir) / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_a_pipeline_sweep_is_ranked_by_the_fd_to_the_teacher(sana, tmp_path):
+    cfg = _pipeline_base(tmp_path, sana)
+    path = _sweep_file(tmp_path, "shift", "eval/fd_teacher_1nfe", {"objective.shift.a": {"grid": [-1.0, 0.5]}})
+    rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
+    assert len(rows) == 2 and all(r.status == "finished" and r.metric is not None for r in rows)
+    assert rows[0].metric <= rows[1].metric  # best (lowest FD) first
+    client, children = _children(tmp_path, "quality-sweeps", "shift")
+    assert len(children) == 2
+    for child in children:
+        m = child.data.metrics
+        assert child.info.status == "FINISHED"
+        assert {"eval/fd_teacher_1nfe", "eval/diversity_1nfe", "eval/ms_per_image_1nfe", "eval/teacher_fd_floor"} <= set(m)
+        assert child.data.tags["apexdistill.eval_prompt_hash"]
+    assert sorted(c.data.metrics["eval/fd_teacher_1nfe"] for c in children) == pytest.approx(sorted(r.metric for r in rows))
+
+
+def test_a_metric_the_runs_cannot_report_is_refused_before_any_trial(sana, tmp_path):
+    cfg = _pipeline_base(tmp_path, sana)
+    path = _sweep_file(tmp_path, "digits-metric", "eval/accuracy_1nfe", {"objective.shift.a": {"grid": [-1.0, 0.5]}})
+    with pytest.raises(ValueError, match=r"metric: 'eval/accuracy_1nfe' is not reported.*eval/fd_teacher_1nfe"):
+        run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
+    assert not (tmp_path / "tune").exists() and not (tmp_path / "mlflow.db").exists()  # nothing started, nothing logged
+
+
+def test_a_failing_trial_shows_its_error_on_the_console_and_in_mlflow(sweep_workdir, tmp_path, capsys):
+    """A learning rate that sends the loss to inf: the trial raises FloatingPointError in its first steps."""
+    from conftest import SWEEP_BASE
+
+    cfg = build_config({}, [f"run.workdir={sweep_workdir}", *SWEEP_BASE, "train.grad_clip=0", "tracking.experiment=failing-trials"])
+    path = _sweep_file(tmp_path, "diverges", "eval/fd_1nfe", {"train.lr": {"grid": [1e30]}})
+    rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
+    printed = capsys.readouterr().out
+    assert rows[0].status == "error"
+    line = next(line for line in printed.splitlines() if "[sweep] FAILED" in line)
+    assert "FloatingPointError: non-finite loss at step" in line
+    client, children = _children(sweep_workdir, "failing-trials", "diverges")
+    (child,) = children
+    assert child.info.status == "FAILED" and "non-finite loss" in child.data.tags["apexdistill.error"]
+    assert "error.txt" in [a.path for a in client.list_artifacts(child.info.run_id)]
