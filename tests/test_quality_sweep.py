@@ -24,13 +24,16 @@ RESOURCES = {"workers": 0, "cpus_per_worker": 0.45}
 
 @pytest.fixture(scope="module")
 def sana(tmp_path_factory):
+    from apexdistill.eval.features import build_tiny_clip
     from apexdistill.models.family import get_family
 
-    return get_family("sana").build_tiny_pipeline(tmp_path_factory.mktemp("sweep-sana") / "sana", seed=0)
+    root = tmp_path_factory.mktemp("sweep-sana")
+    build_tiny_clip(root / "clip")
+    return get_family("sana").build_tiny_pipeline(root / "sana", seed=0)
 
 
 def _pipeline_base(workdir, sana):
-    return build_config({}, [
+    return build_config({}, [f"eval.clip_model={sana.parent / 'clip'}", "eval.prompts=builtin:compositional",
         f"model.path={sana}", f"run.workdir={workdir}", f"data.resolution={SIDE}", f"text_encoder.max_length={L}", "data.limit=32",
         "model.lora.enabled=true", "model.lora.rank=4", "train.batch_size=8", "train.log_every=2", "train.checkpoint_every=0",
         "objective.apex.generator_warmup_steps=0", "eval.prompt_limit=4", "eval.images_per_prompt=2", "eval.teacher_nfe=4",
@@ -65,6 +68,15 @@ def test_a_pipeline_sweep_is_ranked_by_the_fd_to_the_teacher(sana, tmp_path):
         assert {"eval/fd_teacher_1nfe", "eval/diversity_1nfe", "eval/ms_per_image_1nfe", "eval/teacher_fd_floor"} <= set(m)
         assert child.data.tags["apexdistill.eval_prompt_hash"]
     assert sorted(c.data.metrics["eval/fd_teacher_1nfe"] for c in children) == pytest.approx(sorted(r.metric for r in rows))
+
+    # the dashboard shows the quality columns and each trial's CLIP score per prompt tag
+    from apexdistill.report import build_report
+
+    page, data = build_report(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "report", ["quality-sweeps"])
+    html = page.read_text()
+    assert "FD to teacher 1 NFE" in html and "CLIP 1 NFE" in html and "diversity x teacher 1 NFE" in html
+    assert len(data["clip_tags"]) == 2 and set(data["clip_tags"][0]["tags"]) == {"single_object", "two_object", "counting", "colors"}
+    assert "CLIP score by prompt tag" in html and 'class="sortable clip-tags"' in html
 
 
 def test_a_metric_the_runs_cannot_report_is_refused_before_any_trial(sana, tmp_path):

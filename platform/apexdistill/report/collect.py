@@ -31,9 +31,12 @@ CURVE_KEYS = ["loss", "grad_norm", "eval/fd_1nfe"]  # plus every loss_* term a r
 MAX_CURVE_RUNS = 12
 MAX_SAMPLE_RUNS = 12
 MAX_POINTS = 400
-SAMPLE_ARTIFACTS = ["eval/samples.png", "demo/samples.png"]
+SAMPLE_ARTIFACTS = ["eval/samples.png", "demo/samples.png", "eval/quality/samples.png"]
 _NFE = re.compile(r"^(?:eval|teacher)/(fd|accuracy|ms_per_image)_(\d+)nfe$")
 _SPEED = re.compile(r"^speed/ms_per_image_(teacher|student)_(\d+)nfe$")
+# the real-model evaluation (eval/quality.py): FD to the teacher, CLIP score, diversity (x teacher), FD to real images
+_QUALITY = re.compile(r"^eval/(fd_teacher|clip_score|diversity|fd_real)_(\d+)nfe$")
+QUALITY_SUMMARY = "eval/quality/quality.json"
 
 
 class ReportError(ValueError):
@@ -147,6 +150,11 @@ def run_row(run: Any, experiment_names: dict[str, str]) -> dict[str, Any]:
         m = _SPEED.match(key)
         if m and _finite(value) is not None:
             speed.append({"model": m.group(1), "nfe": int(m.group(2)), "ms_per_image": float(value)})
+    quality: dict[str, dict[int, float]] = {"fd_teacher": {}, "clip_score": {}, "diversity": {}, "fd_real": {}}
+    for key, value in data.metrics.items():
+        m = _QUALITY.match(key)
+        if m and _finite(value) is not None:
+            quality[m.group(1)][int(m.group(2))] = float(value)
     end = info.end_time or (int(time.time() * 1000) if info.status == "RUNNING" else None)
     return {
         "run_id": info.run_id,
@@ -160,6 +168,9 @@ def run_row(run: Any, experiment_names: dict[str, str]) -> dict[str, Any]:
         "params": {k: _value(v) for k, v in data.params.items()},
         "fd": nfe["fd"], "accuracy": nfe["accuracy"], "ms_per_image": nfe["ms_per_image"],
         "teacher": teacher,
+        "quality": quality,
+        "teacher_fd_floor": _finite(data.metrics.get("eval/teacher_fd_floor")),
+        "teacher_clip_score": _finite(data.metrics.get("eval/teacher_clip_score")),
         "speed": sorted(speed, key=lambda r: (r["model"] != "teacher", r["nfe"])),
         "floor_fd": _finite(data.metrics.get("eval/floor_fd")),
         "steps": _finite(data.metrics.get("step")),
@@ -367,6 +378,25 @@ def speed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def clip_by_tag(client: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run with a CLIP score: the score of each prompt tag, per (model, NFE), from its quality summary artifact."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in rows:
+            if not r["quality"]["clip_score"]:
+                continue
+            try:
+                summary = json.loads(Path(client.download_artifacts(r["run_id"], QUALITY_SUMMARY, tmp)).read_text())
+            except Exception:  # noqa: BLE001 - no summary (or an unreadable store): no per-tag table for that run
+                continue
+            columns = [{"model": q["model"], "nfe": q["nfe"], "by_tag": q.get("clip_by_tag") or {}} for q in summary["rows"]]
+            tags = sorted({t for c in columns for t in c["by_tag"]})
+            if tags:
+                out.append({"run_id": r["run_id"], "name": r["name"], "prompt_set": summary.get("prompt_set"),
+                            "prompt_hash": summary.get("prompt_hash"), "tags": tags, "columns": columns})
+    return out
+
+
 def collect(uri: str, experiments: list[str] | None = None, sweep: str | None = None) -> dict[str, Any]:
     """Everything the report shows, from the store at ``uri``."""
     from mlflow import MlflowClient
@@ -389,7 +419,10 @@ def collect(uri: str, experiments: list[str] | None = None, sweep: str | None = 
     sweeps = [sweep_section(p, [r for r in trials if r["parent_run_id"] == p["run_id"]], sweep_order(client, p["run_id"]))
               for p in parents]
     extra = [k for s in sweeps for joint in s["space"] for k in joint.split(",")]
-    ranked = sorted(trials, key=lambda r: (r["fd"].get(1) is None, r["fd"].get(1) or 0.0))
+    def first_fd(r: dict[str, Any]) -> float | None:  # the digits' FD proxy, else the FD to the teacher
+        return r["fd"].get(1, r["quality"]["fd_teacher"].get(1))
+
+    ranked = sorted(trials, key=lambda r: (first_fd(r) is None, first_fd(r) or 0.0))
     title = f"sweep {sweeps[0]['name']}" if sweep and sweeps else ", ".join(e.name for e in exps)
     return {
         "title": title,
@@ -402,4 +435,5 @@ def collect(uri: str, experiments: list[str] | None = None, sweep: str | None = 
         "curves": curves(client, ranked[:MAX_CURVE_RUNS]),
         "samples": sample_grids(client, ranked),
         "speed": speed_table(ranked),
+        "clip_tags": clip_by_tag(client, ranked),
     }

@@ -56,11 +56,16 @@ def param_label(key: str) -> str:
 
 def runs_table(data: dict[str, Any]) -> str:
     runs = [r for r in data["runs"] if r["kind"] != "sweep"]
-    nfes = sorted({int(n) for r in runs for n in r["fd"]}) or [1]
+    nfes = sorted({int(n) for r in runs for n in r["fd"]}) or ([] if any(r.get("quality", {}).get("fd_teacher") for r in runs) else [1])
+    # the real-model scores, where any run has them: (metric, column label, digits)
+    quality = [(key, label, digits) for key, label, digits in QUALITY_COLUMNS
+               if any(r.get("quality", {}).get(key) for r in runs)]
+    q_nfes = sorted({int(n) for r in runs for key, _, _ in quality for n in r["quality"][key]})
     params = data["param_columns"]
     # results first (what a reader compares), then the config keys that differ between the runs
-    head = ["run", *[f"FD {n} NFE" for n in nfes], *[f"acc {n} NFE" for n in nfes], "ms/img 1 NFE", "steps", "minutes",
-            "samples/s", "status", "experiment", *[param_label(p) for p in params]]
+    head = ["run", *[f"FD {n} NFE" for n in nfes], *[f"acc {n} NFE" for n in nfes],
+            *[f"{label} {n} NFE" for _, label, _ in quality for n in q_nfes], *(["teacher floor"] if quality else []),
+            "ms/img 1 NFE", "steps", "minutes", "samples/s", "status", "experiment", *[param_label(p) for p in params]]
     out = ['<table class="sortable" id="runs-table"><thead><tr>']
     out += [f'<th title="click to sort">{esc(h)}</th>' for h in head]
     out.append("</tr></thead><tbody>")
@@ -68,6 +73,8 @@ def runs_table(data: dict[str, Any]) -> str:
         cells = [f'<td data-sort="{esc(r["name"])}" title="{esc(r["run_id"])}">{esc(r["name"])}</td>']
         cells += [_cell(_nfe_get(r["fd"], n)) for n in nfes]
         cells += [_cell(None if _nfe_get(r["accuracy"], n) is None else 100 * _nfe_get(r["accuracy"], n), 1) for n in nfes]
+        cells += [_cell(_nfe_get(r.get("quality", {}).get(key, {}), n), digits) for key, _, digits in quality for n in q_nfes]
+        cells += [_cell(r.get("teacher_fd_floor"), 3)] if quality else []
         cells += [_cell(_nfe_get(r["ms_per_image"], 1), 3), _cell(None if r["steps"] is None else int(r["steps"])),
                   _cell(None if r["duration_s"] is None else r["duration_s"] / 60, 1), _cell(r["samples_per_s"], 0)]
         cells += [f'<td data-sort="{esc(r["status"])}" class="status-{esc(r["status"]).lower()}">{esc(r["status"])}</td>',
@@ -75,6 +82,27 @@ def runs_table(data: dict[str, Any]) -> str:
         cells += [_cell(r["params"].get(p), 4) for p in params]
         out.append(f'<tr data-run-id="{esc(r["run_id"])}">{"".join(cells)}</tr>')
     out.append("</tbody></table>")
+    return "".join(out)
+
+
+QUALITY_COLUMNS = [("fd_teacher", "FD to teacher", 3), ("fd_real", "FD to real", 3), ("clip_score", "CLIP", 2),
+                   ("diversity", "diversity x teacher", 2)]
+
+
+def clip_tags_html(data: dict[str, Any]) -> str:
+    if not data.get("clip_tags"):
+        return ('<p class="empty">No CLIP scores logged (the real-model evaluation with <code>eval.clip_model</code> set: '
+                '<code>apexdistill evaluate RUN eval.clip_model=/path/to/clip</code>).</p>')
+    out = []
+    for t in data["clip_tags"]:
+        cols = t["columns"]
+        out.append(f'<table class="sortable clip-tags" data-run-id="{esc(t["run_id"])}"><caption>{esc(t["name"])}: CLIP score by '
+                   f'prompt tag <small>({esc(t["prompt_set"])}, hash {esc(t["prompt_hash"])})</small></caption><thead><tr><th>tag</th>')
+        out += [f'<th>{esc(c["model"])} {esc(c["nfe"])} NFE</th>' for c in cols]
+        out.append("</tr></thead><tbody>")
+        for tag in t["tags"]:
+            out.append(f'<tr><td data-sort="{esc(tag)}">{esc(tag)}</td>' + "".join(_cell(c["by_tag"].get(tag)) for c in cols) + "</tr>")
+        out.append("</tbody></table>")
     return "".join(out)
 
 
@@ -231,6 +259,7 @@ def render(data: dict[str, Any]) -> str:
         curves=curves_html(data),
         samples=samples_html(data),
         speed=speed_html(data),
+        clip_tags=clip_tags_html(data),
         # raw text inside <script>: no HTML escaping, but no "</script>" either
         data_json=json.dumps({k: data[k] for k in ("title", "experiments", "tracking_uri")}).replace("<", "\\u003c"),
     )
