@@ -2,10 +2,11 @@
 
 1. **Ranking on the built-in digits.** One `apex` distillation of the shipped teacher (the demo's recipe, in this
    process), its EMA weights taken every ``--every`` steps (plus the teacher itself at one step, "step 0"): checkpoints
-   of clearly different quality. Each is scored at 1 NFE by the digit classifier's FD proxy against the real test
-   split (``eval/runner.py``, what the README's tables use) and by the real-model evaluation's FD to the teacher in the
-   latent space (``eval/quality.py``: pixels here, pooled to 8x8; the teacher's 50-step Euler samples as the
-   reference), on the same images per prompt. The Spearman rank correlation between the two is the result.
+   of clearly different quality, each at 1 and 2 NFE; and, off that trajectory, the teacher's own Euler ODE at
+   ``--euler`` steps used as a one-step generator. Each is scored by the digit classifier's FD proxy against the real
+   test split (``eval/runner.py``, what the README's tables use) and by the real-model evaluation's FD to the teacher
+   in the latent space (``eval/quality.py``: pixels here, pooled to 8x8; the teacher's 50-step Euler samples as the
+   reference), on the same number of images per prompt. The Spearman rank correlation between the two is the result.
 2. **Collapse on a tiny stock pipeline.** A tiny Sana pipeline built offline: its own weights as the one-step student,
    against a generator that gives one image for every noise. Diversity (x teacher) and FD to the teacher of both.
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--per-class", type=int, default=50, help="images per prompt for both scores")
     p.add_argument("--draws", type=int, default=2, help="noise draws per score")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--euler", type=int, nargs="*", default=[2, 3, 5, 8], help="Euler steps of the teacher-as-generator rows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default="./apex-runs")
     args = p.parse_args(argv)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = demo_config(args.workdir, overrides=["train.num_workers=0", "train.strategy=none", f"train.steps={args.steps}",
                                                f"train.batch_size={args.batch}", f"eval.samples_per_class={args.per_class}",
                                                f"eval.noise_draws={args.draws}", f"eval.images_per_prompt={args.per_class}",
-                                               "eval.nfe=[1]", "eval.pipeline_batch_size=500"])
+                                               "eval.nfe=[1,2]", "eval.pipeline_batch_size=500"])
     text, mask = digit_caption_table(cfg)
     bench = DigitsBench(cfg, text, mask)
     teacher = build_backbone(cfg.model, 1, cfg.data.resolution, text.shape[-1]).eval()
@@ -60,23 +62,25 @@ def main(argv: list[str] | None = None) -> dict:
                            teacher=teacher)  # one worker: the teacher's rows are sampled once and reused for every checkpoint
     points: list[dict] = []
 
-    def score(step: int, model: torch.nn.Module) -> None:
-        (digits,) = bench.score("student", model.eval(), [1], "few_step")
+    def score(step: int | str, model: torch.nn.Module, nfes: tuple[int, ...] = (1, 2)) -> None:
+        digits = bench.score("student", model.eval(), list(nfes), "few_step")
         worker.student = model.eval()
         report = evaluate_quality(spec, worker=worker, progress=False)
-        row = report.students()[0]
-        points.append({"step": step, "fd_proxy": digits.fd, "accuracy": digits.accuracy, "fd_teacher": row.fd_teacher,
-                       "fd_teacher_std": row.fd_teacher_std, "diversity_ratio": row.diversity_ratio,
-                       "teacher_floor": report.teacher.fd_teacher})
-        print(f"[bench] step {step}: FD proxy {digits.fd:.2f} (accuracy {100 * digits.accuracy:.1f}%), FD to the teacher "
-              f"{row.fd_teacher:.3f} (floor {report.teacher.fd_teacher:.3f}), diversity {row.diversity_ratio:.2f}x", flush=True)
+        for d, row in zip(digits, [r for r in report.students() if r.nfe in nfes]):
+            points.append({"step": step, "nfe": row.nfe, "fd_proxy": d.fd, "accuracy": d.accuracy, "fd_teacher": row.fd_teacher,
+                           "fd_teacher_std": row.fd_teacher_std, "diversity_ratio": row.diversity_ratio,
+                           "teacher_floor": report.teacher.fd_teacher})
+            print(f"[bench] {step} at {row.nfe} NFE: FD proxy {d.fd:.2f} (accuracy {100 * d.accuracy:.1f}%), FD to the teacher "
+                  f"{row.fd_teacher:.3f} (floor {report.teacher.fd_teacher:.3f}), diversity {row.diversity_ratio:.2f}x", flush=True)
 
+    for k in args.euler:  # off the training trajectory: the teacher's own ODE with few steps
+        score(f"teacher Euler {k} steps", EulerAsOneStep(teacher, k), nfes=(1,))
     score(0, copy.deepcopy(teacher))
     distill_digits(cfg, text, mask, args.steps, args.batch, every=args.every,
                    on_score=lambda step, strategy, _: score(step, strategy.ema.copy_to(copy.deepcopy(strategy.backbone))
                                                            if strategy.ema else strategy.backbone))
     rho, pvalue = spearmanr([q["fd_proxy"] for q in points], [q["fd_teacher"] for q in points])
-    print(f"[bench] Spearman rank correlation over {len(points)} checkpoints: {rho:.3f} (p = {pvalue:.2g}); target >= 0.8")
+    print(f"[bench] Spearman rank correlation over {len(points)} generators: {rho:.3f} (p = {pvalue:.2g}); target >= 0.8")
 
     collapse = _collapse(build_config)
     record = {"checkpoints": points, "spearman": float(rho), "spearman_p": float(pvalue), "collapse": collapse,
@@ -89,6 +93,21 @@ def main(argv: list[str] | None = None) -> dict:
                               "student_fd_teacher": collapse["student"]["fd_teacher"]})
     print(json.dumps(record, indent=1))
     return record
+
+
+class EulerAsOneStep(torch.nn.Module):
+    """The teacher's ``steps``-step Euler ODE as a one-step generator: at the sampler's single query it returns the
+    velocity that lands on the ODE's endpoint (x0 = x - t*v)."""
+
+    def __init__(self, teacher: torch.nn.Module, steps: int) -> None:
+        super().__init__()
+        self.teacher, self.steps = teacher, steps
+
+    def forward(self, x, t, text, mask=None):
+        from apexdistill.method.sampler import sample_euler
+
+        x0 = sample_euler(self.teacher, x, text, mask, nfe=self.steps)
+        return (x - x0) / t.reshape(-1, *[1] * (x.dim() - 1))
 
 
 def _collapse(build_config) -> dict:

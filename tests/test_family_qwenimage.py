@@ -178,3 +178,47 @@ def test_one_step_schedule_is_refused(family, pipe):
     assert torch.isnan(packed).all()
     with pytest.raises(ValueError, match="at least 2 steps"):
         family.set_timesteps(pipe.scheduler, 1, (4, 8, 8), "cpu")
+
+
+def test_guided_distillation_target_is_the_pipelines_guided_velocity(family, pipe, settings):
+    """apex's guided anchor target at x_t is (z - x) + (CFG(v_c, v_u) - v_c): the conditional velocity moved to the
+    guided one by the teacher's own rule. That guided velocity must be what the stock pipeline steps with at
+    true_cfg_scale 4 (its per-token norm rescale included): read off a one-step pipe call from x_t to 0 under the
+    Euler scheduler, x0 = x_t - t*v."""
+    from contextlib import nullcontext
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from apexdistill.config import build_config
+    from apexdistill.method.base import build_objective
+    from apexdistill.method.flow import velocity_target
+    from apexdistill.models.pipeline import STUDENT_SCHEDULER
+
+    text, mask = family.encode_prompts(pipe, PROMPTS, settings)
+    neg, neg_mask = family.encode_negative(pipe, settings)
+    b, h, sigma = len(PROMPTS), SIZE // pipe.vae_scale_factor, 0.7
+    g = torch.Generator().manual_seed(11)
+    x, z = torch.randn(b, 4, h, h, generator=g), torch.randn(b, 4, h, h, generator=g)
+    t = torch.full((b,), sigma)
+    x_t = sigma * z + (1 - sigma) * x
+    backbone = QwenImageBackbone(pipe.transformer).eval()
+    cfg = build_config({}, ["model.backbone=qwenimage", f"objective.apex.guidance_ratio={family.guidance_ratio(4.0)}"])
+    objective = build_objective(cfg.objective)
+    objective.set_guidance((neg, neg_mask), lambda source: nullcontext(), guide=family.guided_velocity)
+    with torch.no_grad():
+        target = objective._real_target(backbone, x, z, x_t, t, text, mask)
+        v_cond, v_uncond = backbone(x_t, t, text, mask), backbone(x_t, t, neg.expand(b, -1, -1), neg_mask.expand(b, -1))
+    ours = target - velocity_target(x, z) + v_cond
+
+    kept = pipe.scheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(**{**STUDENT_SCHEDULER, "stochastic_sampling": False})
+    try:
+        packed = pipe(prompt=PROMPTS, negative_prompt=" ", true_cfg_scale=4.0, latents=pipe._pack_latents(x_t, b, 4, h, h),
+                      sigmas=[sigma], height=SIZE, width=SIZE, output_type="latent", max_sequence_length=L).images
+    finally:
+        pipe.scheduler = kept
+    stock = (x_t - pipe._unpack_latents(packed, SIZE, SIZE, pipe.vae_scale_factor)[:, :, 0]) / sigma
+    diff = (ours - stock).abs().max().item()
+    assert diff <= 1e-5, f"guided target vs the pipeline's guided velocity: {diff} (tolerance 1e-5)"
+    plain = v_cond + family.guidance_ratio(4.0) * (v_cond - v_uncond)  # without the rescale: a stronger field
+    assert (plain - stock).abs().max().item() > 1e-3

@@ -40,7 +40,21 @@ MEASURED: dict[str, float] = {}
 
 
 def _overrides(folder: Path, *extra: str) -> list[str]:
-    return [f"model.path={folder}", f"data.resolution={RES}", f"text_encoder.max_length={L}", *extra]
+    # Z-Image must state its teacher's guidance (Turbo 0.0, the base model 5.0): the base model's, the pipeline default
+    index = json.loads((Path(folder) / "model_index.json").read_text()) if (Path(folder) / "model_index.json").is_file() else {}
+    stated = ["teacher.guidance_scale=5.0"] if index.get("_class_name") == "ZImagePipeline" else []
+    return [f"model.path={folder}", f"data.resolution={RES}", f"text_encoder.max_length={L}", *stated, *extra]
+
+
+def test_zimage_refuses_a_teacher_guidance_it_cannot_guess(folders):
+    """Z-Image-Turbo runs at guidance 0.0, the base model at ZImagePipeline's default 5.0: unstated, it is refused
+    with the reason; stated, it is taken as given (Turbo: no CFG, so no guidance to distil)."""
+    base = [f"model.path={folders['zimage']}", f"data.resolution={RES}", f"text_encoder.max_length={L}"]
+    msg = _refused(base)
+    assert "teacher.guidance_scale" in msg and "Turbo" in msg and "0.0" in msg and "5.0" in msg, msg
+    turbo = build_config({}, [*base, "teacher.guidance_scale=0.0"])
+    assert turbo.teacher.guidance_scale == 0.0 and turbo.objective.apex.guidance_ratio == 0.0
+    assert build_config({}, _overrides(folders["sana"])).teacher.guidance_scale == 4.5  # Sana's documented default
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,12 @@ def sana(tmp_path_factory):
     return get_family("sana").build_tiny_pipeline(root / "sana", seed=0)
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One work directory for the module: the tiny pipeline's cache is built by the first sweep, hit by the rest."""
+    return tmp_path_factory.mktemp("quality-sweeps")
+
+
 def _pipeline_base(workdir, sana):
     return build_config({}, [f"eval.clip_model={sana.parent / 'clip'}", "eval.prompts=builtin:compositional",
         f"model.path={sana}", f"run.workdir={workdir}", f"data.resolution={SIDE}", f"text_encoder.max_length={L}", "data.limit=32",
@@ -54,51 +60,52 @@ def _children(workdir, experiment, name):
     return client, client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
 
 
-def test_a_pipeline_sweep_is_ranked_by_the_fd_to_the_teacher(sana, tmp_path):
-    cfg = _pipeline_base(tmp_path, sana)
-    path = _sweep_file(tmp_path, "shift", "eval/fd_teacher_1nfe", {"objective.shift.a": {"grid": [-1.0, 0.5]}})
+def test_a_pipeline_sweep_is_ranked_by_the_fd_to_the_teacher(sana, workdir, tmp_path):
+    cfg = _pipeline_base(workdir, sana)
+    # eval_every: the in-training FD to the teacher (the same definitions on the fixed prompts) reaches Tune at step 2
+    path = _sweep_file(tmp_path, "shift", "eval/fd_teacher_1nfe", {"objective.shift.a": {"grid": [-1.0, 0.5]}}, eval_every=2)
     rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
     assert len(rows) == 2 and all(r.status == "finished" and r.metric is not None for r in rows)
     assert rows[0].metric <= rows[1].metric  # best (lowest FD) first
-    client, children = _children(tmp_path, "quality-sweeps", "shift")
+    client, children = _children(workdir, "quality-sweeps", "shift")
     assert len(children) == 2
     for child in children:
         m = child.data.metrics
         assert child.info.status == "FINISHED"
         assert {"eval/fd_teacher_1nfe", "eval/diversity_1nfe", "eval/ms_per_image_1nfe", "eval/teacher_fd_floor"} <= set(m)
         assert child.data.tags["apexdistill.eval_prompt_hash"]
+        history = {h.step: h.value for h in client.get_metric_history(child.info.run_id, "eval/fd_teacher_1nfe")}
+        assert set(history) == {2, 4} and all(v > 0 for v in history.values())  # in training at 2, the final score at 4
     assert sorted(c.data.metrics["eval/fd_teacher_1nfe"] for c in children) == pytest.approx(sorted(r.metric for r in rows))
 
     # the dashboard shows the quality columns and each trial's CLIP score per prompt tag
     from apexdistill.report import build_report
 
-    page, data = build_report(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "report", ["quality-sweeps"])
+    page, data = build_report(f"sqlite:///{workdir / 'mlflow.db'}", tmp_path / "report", ["quality-sweeps"])
     html = page.read_text()
     assert "FD to teacher 1 NFE" in html and "CLIP 1 NFE" in html and "diversity x teacher 1 NFE" in html
     assert len(data["clip_tags"]) == 2 and set(data["clip_tags"][0]["tags"]) == {"single_object", "two_object", "counting", "colors"}
     assert "CLIP score by prompt tag" in html and 'class="sortable clip-tags"' in html
 
 
-def test_a_metric_the_runs_cannot_report_is_refused_before_any_trial(sana, tmp_path):
-    cfg = _pipeline_base(tmp_path, sana)
+def test_a_metric_the_runs_cannot_report_is_refused_before_any_trial(sana, workdir, tmp_path):
+    cfg = _pipeline_base(workdir, sana)
     path = _sweep_file(tmp_path, "digits-metric", "eval/accuracy_1nfe", {"objective.shift.a": {"grid": [-1.0, 0.5]}})
     with pytest.raises(ValueError, match=r"metric: 'eval/accuracy_1nfe' is not reported.*eval/fd_teacher_1nfe"):
         run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
-    assert not (tmp_path / "tune").exists() and not (tmp_path / "mlflow.db").exists()  # nothing started, nothing logged
+    assert not (workdir / "tune" / "digits-metric").exists() and not (workdir / "sweeps" / "digits-metric").exists()
 
 
-def test_a_failing_trial_shows_its_error_on_the_console_and_in_mlflow(sweep_workdir, tmp_path, capsys):
+def test_a_failing_trial_shows_its_error_on_the_console_and_in_mlflow(sana, workdir, tmp_path, capsys):
     """A learning rate that sends the loss to inf: the trial raises FloatingPointError in its first steps."""
-    from conftest import SWEEP_BASE
-
-    cfg = build_config({}, [f"run.workdir={sweep_workdir}", *SWEEP_BASE, "train.grad_clip=0", "tracking.experiment=failing-trials"])
-    path = _sweep_file(tmp_path, "diverges", "eval/fd_1nfe", {"train.lr": {"grid": [1e30]}})
+    cfg = build_config(_pipeline_base(workdir, sana).model_dump(mode="json"), ["train.grad_clip=0", "tracking.experiment=failing-trials"])
+    path = _sweep_file(tmp_path, "diverges", "eval/fd_teacher_1nfe", {"train.lr": {"grid": [1e30]}})
     rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
     printed = capsys.readouterr().out
     assert rows[0].status == "error"
     line = next(line for line in printed.splitlines() if "[sweep] FAILED" in line)
     assert "FloatingPointError: non-finite loss at step" in line
-    client, children = _children(sweep_workdir, "failing-trials", "diverges")
+    client, children = _children(workdir, "failing-trials", "diverges")
     (child,) = children
     assert child.info.status == "FAILED" and "non-finite loss" in child.data.tags["apexdistill.error"]
     assert "error.txt" in [a.path for a in client.list_artifacts(child.info.run_id)]

@@ -216,21 +216,25 @@ def sample_run(model, cfg, prompts: list[str], num: int, nfe: int, seed: int, la
     text, mask = text.repeat_interleave(num, 0).to(device), mask.repeat_interleave(num, 0).to(device)
     vae = build_vae(cfg.vae, cfg.data.image_channels).to(device)
     c, h, w = vae.latent_shape(*image_size(cfg, height, width))
-    z = torch.randn((len(prompts) * num, c, h, w), generator=torch.Generator().manual_seed(seed)).to(device)
-    g = torch.Generator(device=device).manual_seed(seed)
     model = model.to(device)
     if cfg.text_encoder.kind == "pipeline":
-        torch.manual_seed(seed)  # the families whose pipelines re-noise from the global RNG
+        # one CPU generator for the initial noise and then the re-noise, as `pipe(generator=Generator().manual_seed(seed))`
+        # draws them (Sana hands it to the scheduler's step); the families whose pipelines re-noise from the global RNG
+        # get it seeded
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn((len(prompts) * num, c, h, w), generator=g).to(device)
+        torch.manual_seed(seed)
         x = get_family(cfg.model.backbone).sample_student(model, z, text, mask, nfe, generator=g)
     else:
-        x = sample_few_step(model, z, text, mask, nfe=nfe, generator=g)
+        z = torch.randn((len(prompts) * num, c, h, w), generator=torch.Generator().manual_seed(seed)).to(device)
+        x = sample_few_step(model, z, text, mask, nfe=nfe, generator=torch.Generator(device=device).manual_seed(seed))
     return (x if latents else vae.decode(x).clamp(-1, 1)).cpu()
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from apexdistill.train.export import export_pipeline
 
-    out = export_pipeline(args.run, args.output, use_ema=not args.raw, overwrite=args.overwrite, link=args.link)
+    out = export_pipeline(args.run, args.output, use_ema=not args.raw, overwrite=args.overwrite, link=args.link, dtype=args.dtype)
     print(f"[export] diffusers folder: {out}")
     return 0
 
@@ -366,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-o", "--output", required=True)
     x.add_argument("--raw", action="store_true")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    x.add_argument("--link", action="store_true", help="symlink the teacher's VAE, text encoder and tokenizer instead of copying them")
+    x.add_argument("--link", action="store_true", help="symlink the VAE, text encoder and tokenizer instead of copying them")
+    x.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                   help="stock pipeline exports: the student transformer's stored dtype (default: the teacher's)")
     x.set_defaults(fn=_cmd_export)
 
     b = sub.add_parser("dashboard", help="a static HTML report comparing runs and sweeps, from MLflow; --serve adds the MLflow UI")

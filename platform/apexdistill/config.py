@@ -136,8 +136,8 @@ class TextEncoderConfig(_Section):
 
 class TeacherConfig(_Section):
     guidance_scale: float | None = Field(None, ge=0.0, description="CFG scale of the multi-step teacher, in the pipeline's own "
-                                         "convention; default the pipeline's (Sana 4.5, Qwen-Image 4.0, Z-Image 5.0), 1 (off) "
-                                         "without a pipeline")
+                                         "convention; default the pipeline's (Sana 4.5, Qwen-Image 4.0), 1 (off) without a "
+                                         "pipeline; Z-Image must state it (Turbo 0.0, the base model 5.0)")
 
 
 class LoraConfig(_Section):
@@ -164,13 +164,6 @@ class ModelConfig(_Section):
     target_time: bool = Field(False, description="add a target-time embedding (needed by twinflow)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
-    @model_validator(mode="after")
-    def _preset(self) -> "ModelConfig":
-        if not self.path:  # with model.path the architecture is the folder's; the preset is unused
-            from apexdistill.models.family import get_family  # the family module owns its presets
-
-            get_family(self.backbone).check_preset(self.preset)
-        return self
 
 
 class VaeConfig(_Section):
@@ -614,53 +607,18 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
         cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
-    return resolve_defaults(cfg, source)
+    return _RESOLVER(cfg, source) if _RESOLVER is not None else cfg
 
 
-DEFAULT_TEXT_LENGTH = 16  # MiniLM / transformers encoders
+#: fills the defaults that depend on files (a pipeline folder in model.path, the family's presets): registered by
+#: ``apexdistill.resolve`` (the package registers it on import), so this schema reads no folder and imports nothing of ours
+_RESOLVER: Any = None
 
 
-def resolve_defaults(cfg: "Config", source: str = "<config>") -> "Config":
-    """Fill the defaults that depend on other settings: with a stock pipeline folder in
-    ``model.path`` the family, text encoder, VAE, prompt length, teacher guidance and guidance ratio
-    come from the pipeline (``apexdistill.models.pipeline.pipeline_defaults``, which also refuses a
-    pipeline that cannot work, naming what is wrong); otherwise MiniLM at 16 tokens, no guidance."""
-    tree = cfg.model_dump(mode="json")
-    folder = cfg.model.path
-    if folder and "://" not in folder and not folder.startswith("builtin:") and (Path(folder).expanduser() / "model_index.json").is_file():
-        from apexdistill.models.pipeline import pipeline_defaults  # reads model_index.json and the family's defaults
-
-        explicit = {
-            "model.backbone": "backbone" in cfg.model.model_fields_set,
-            "text_encoder.kind": cfg.text_encoder.kind is not None,
-            "vae.path": cfg.vae.path is not None,
-            "data.channels": cfg.data.channels is not None,
-        }
-        try:
-            updates = pipeline_defaults(cfg, explicit)
-        except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError(str(exc)) from None
-    else:
-        updates = {
-            "text_encoder.kind": cfg.text_encoder.kind or "minilm",
-            "text_encoder.max_length": cfg.text_encoder.max_length or DEFAULT_TEXT_LENGTH,
-            "teacher.guidance_scale": 1.0 if cfg.teacher.guidance_scale is None else cfg.teacher.guidance_scale,
-            "objective.apex.guidance_ratio": cfg.objective.apex.guidance_ratio or 0.0,
-        }
-    for key, value in updates.items():
-        _set_dotted(tree, key, value)
-    try:
-        resolved = Config.model_validate(tree)
-    except ValidationError as err:  # a combination the filled-in defaults make invalid (e.g. guidance without LoRA/EMA)
-        raise ConfigError(_format_errors(err, f"{source} (with the defaults of model.path's pipeline)")) from None
-    if resolved.data.buckets is not None:  # sizes the VAE and the patching allow, checked before any work
-        from apexdistill.data.buckets import resolve_buckets
-
-        try:
-            resolve_buckets(resolved)
-        except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"invalid config ({source}): {exc}") from None
-    return resolved
+def set_resolver(fn: Any) -> None:
+    """``fn(cfg, source) -> Config``: what ``build_config`` and ``load_config`` resolve every validated config with."""
+    global _RESOLVER
+    _RESOLVER = fn
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -12,8 +12,9 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
 5. L_fake = || F(x_s, s, c_fake) - (z' - sg(x_g)) ||^2         (fake branch learns the model's own flow)
 6. L_real = flow matching on data with the true condition (anchor), t <= anchor_t_max; with
             guidance_ratio r > 0 (the released code's enhanced_ratio) its target is the guided field
-            (z - x) + r*(v_ref(x_t, t, c) - v_ref(x_t, t, c_neg)), both velocities without gradient from
-            the reference weights (the frozen base under LoRA, else the EMA)
+            (z - x) + (CFG_r(v_ref(x_t, t, c), v_ref(x_t, t, c_neg)) - v_ref(x_t, t, c)), both velocities without
+            gradient from the reference weights (the frozen base under LoRA, else the EMA), CFG_r the teacher's own
+            rule at r (plain CFG: r*(v_c - v_u); Qwen-Image rescales each token to the conditional norm)
 7. L_cons (``consistency_weight`` lambda_c > 0; the released code's RCGM target on its one-step group):
             F(z, t0, c) is pulled to sg(F - clamp(R)), R = (t0*F - D)/delta - (z - x), D the reference weights'
             ``consistency_steps`` sub-steps of ``consistency_solver`` (the released code's Euler, or explicit
@@ -51,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from apexdistill.config import ObjectiveConfig
-from apexdistill.method.base import Batch, ShiftedObjective, cat_batches, mse, ramp, register, scalar_metrics
+from apexdistill.method.base import Batch, ShiftedObjective, cat_batches, mse, plain_cfg, ramp, register, scalar_metrics
 from apexdistill.method.flow import bcast, interpolate, sample_time, velocity_target
 from apexdistill.method.twinflow import charbonnier, consistency_displacement, consistency_from_displacement, tan_time_weight
 
@@ -251,7 +252,10 @@ class Apex(ShiftedObjective):
         neg_mask = neg_mask.expand(n, -1).to(mask.dtype) if mask is not None else None
         with torch.no_grad(), self._reference(self.cfg.apex.guidance_reference, "objective.apex.guidance_ratio > 0"):
             v_cond, v_uncond = _split(model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c, neg]), cat_batches(mask, neg_mask)), n)
-        return target + r * (v_cond - v_uncond).detach()
+            # the teacher's own CFG rule (Qwen-Image's per-token norm rescale, Z-Image's normalisation and truncation):
+            # the data velocity moved by what guidance adds to the conditional one
+            guided = getattr(self, "guide", plain_cfg)(v_cond, v_uncond, t, r)
+        return target + (guided - v_cond).detach()
 
 
 class _TargetBank:

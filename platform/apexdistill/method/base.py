@@ -47,12 +47,20 @@ class Objective(nn.Module):
         """Called once with the plain backbone, before any parallel wrapping (DDP, FSDP2, DeepSpeed)
         and before a checkpoint is loaded: the place to copy a frozen teacher."""
 
-    def set_guidance(self, negative: tuple[Tensor, Tensor] | None, reference: Any = None) -> None:
+    def set_guidance(self, negative: tuple[Tensor, Tensor] | None, reference: Any = None, guide: Any = None) -> None:
         """The dataset's negative (unconditional) text states (1, L, D), mask (1, L) (None when the cache
-        has none), and ``reference(source)``: a context manager factory under which the model computes
-        the reference velocities, ``source`` one of auto / frozen / ema (see ``train.loop.reference_weights``).
-        Objectives that use neither guidance nor a reference ignore it."""
+        has none), ``reference(source)``: a context manager factory under which the model computes
+        the reference velocities, ``source`` one of auto / frozen / ema (see ``train.loop.reference_weights``),
+        and ``guide(v_cond, v_uncond, t, ratio)``: the teacher's own CFG rule at the guidance ratio (the model
+        family's ``guided_velocity``; default plain CFG, ``v_cond + ratio*(v_cond - v_uncond)``).
+        Objectives that use neither guidance nor a reference ignore them."""
         self.negative, self.reference = negative, reference
+        self.guide = guide or plain_cfg
+
+
+def plain_cfg(v_cond: Tensor, v_uncond: Tensor, t: Tensor, ratio: float) -> Tensor:
+    """Standard CFG with w = 1 + ratio, the released code's ``target += enhanced_ratio * (v_cond - v_uncond)``."""
+    return v_cond + ratio * (v_cond - v_uncond)
 
 
 class ShiftedObjective(Objective):

@@ -93,6 +93,19 @@ class Family:
     def default_guidance_scale(self) -> float:
         return float(self.call_default(self.guidance_argument))
 
+    #: why a run of this family must state ``teacher.guidance_scale`` (its checkpoints are run at different scales),
+    #: or None where the pipeline's ``__call__`` default is the documented usage of its checkpoints
+    guidance_must_be_stated: ClassVar[str | None] = None
+
+    def teacher_guidance_scale(self, stated: float | None) -> float:
+        """The teacher's guidance: the run's ``teacher.guidance_scale``, else the documented usage (the pipeline's
+        default), refused with the reason where the family's checkpoints differ."""
+        if stated is not None:
+            return float(stated)
+        if self.guidance_must_be_stated:
+            raise ValueError(f"teacher.guidance_scale: set it for a {self.pipeline_class} teacher: {self.guidance_must_be_stated}")
+        return self.default_guidance_scale
+
     def text_dim(self, transformer_config: dict[str, Any]) -> int:
         """Width of the text states the transformer takes."""
         raise NotImplementedError
@@ -140,6 +153,11 @@ class Family:
         """The negative (unconditional) prompt as the pipeline encodes it for CFG: (1, L, D), (1, L)."""
         raise NotImplementedError
 
+    def call_kwargs(self, settings: PromptSettings) -> dict[str, Any]:
+        """The pipeline ``__call__`` arguments that encode prompts as ``settings`` do (what an exported student must be
+        called with to see the text states it was trained on)."""
+        return {"max_sequence_length": int(settings.max_sequence_length)}
+
     def token_count(self, pipe: Any, prompts: list[str], settings: PromptSettings) -> list[int]:
         """Tokens per prompt before truncation (to report captions cut at max_sequence_length)."""
         tok = pipe.tokenizer(prompts, truncation=False, add_special_tokens=True)
@@ -159,6 +177,15 @@ class Family:
         """The pipeline's guidance number as the released APEX code's ``enhanced_ratio`` r, where the
         guided velocity is ``v_cond + r*(v_cond - v_uncond)`` (standard CFG with w = 1 + r)."""
         return max(0.0, float(scale) - 1.0)
+
+    def guidance_scale_of_ratio(self, ratio: float) -> float:
+        """The inverse of ``guidance_ratio``: the pipeline's guidance number whose CFG is ``v_cond + ratio*(v_cond - v_uncond)``."""
+        return 1.0 + float(ratio)
+
+    def guided_velocity(self, cond: Tensor, uncond: Tensor, t: Tensor | None, ratio: float) -> Tensor:
+        """What the teacher pipeline runs at guidance ratio ``ratio``: its own CFG rule (``combine_cfg``) at the scale
+        of that ratio. The guided distillation targets use it, so the student learns the field the teacher samples."""
+        return self.combine_cfg(cond, uncond, self.guidance_scale_of_ratio(ratio), t)
 
     def set_timesteps(self, scheduler: Any, nfe: int, latent_shape: tuple[int, int, int], device: torch.device | str) -> Tensor:
         """Set up ``scheduler`` as the pipeline's ``__call__`` does for ``nfe`` steps; returns its timesteps."""
@@ -226,7 +253,7 @@ class Family:
     def sample_student(self, model: Any, z: Tensor, text: Tensor, text_mask: Tensor | None, nfe: int,
                        generator: torch.Generator | None = None) -> Tensor:
         """The distilled student as the exported stock pipeline runs it: the student scheduler
-        (``models.pipeline.STUDENT_SCHEDULER``) at ``STUDENT_SIGMAS[nfe]``, guidance off. Draws its
+        (``models.pipeline.STUDENT_SCHEDULER``) at ``student_sigmas(nfe)``, guidance off. Draws its
         re-noise as the pipeline does (``generator`` for Sana, else the global RNG: seed it)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 

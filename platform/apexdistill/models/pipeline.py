@@ -244,8 +244,7 @@ def pipeline_defaults(cfg: Any, explicit: dict[str, bool]) -> dict[str, Any]:
         raise ValueError(f"data.resolution={cfg.data.resolution} is not a multiple of the VAE factor "
                          f"{vae_cls.config_downsample(vae_conf)} x the transformer's patch size {family.patch_size(t_conf)} = {step}")
 
-    scale = cfg.teacher.guidance_scale
-    scale = family.default_guidance_scale if scale is None else scale
+    scale = family.teacher_guidance_scale(cfg.teacher.guidance_scale)  # the documented usage, or refused with why
     updates["teacher.guidance_scale"] = scale
     ratio = cfg.objective.apex.guidance_ratio
     updates["objective.apex.guidance_ratio"] = family.guidance_ratio(scale) if ratio is None else ratio
@@ -258,7 +257,6 @@ def pipeline_defaults(cfg: Any, explicit: dict[str, bool]) -> dict[str, Any]:
 #: x0 = x - sigma*v, then re-noise to the next sigma), verified against our sampler in the tests
 STUDENT_SCHEDULER = dict(shift=1.0, use_dynamic_shifting=False, shift_terminal=None, stochastic_sampling=True,
                          use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
-STUDENT_SIGMAS = {1: [0.999], 2: [0.999, 0.6]}
 
 
 def student_sigmas(nfe: int) -> list[float]:
@@ -276,29 +274,34 @@ def _place(src: Path, dst: Path, link: bool) -> None:
         shutil.copytree(src, dst, symlinks=False)
 
 
-def model_card(family: Any, teacher: Path, meta: dict[str, Any]) -> str:
-    guidance = f"{family.guidance_argument}={family.guidance_off}"
-    extra = "".join(f", {k}={v!r}" for k, v in family.exact_call_kwargs.items())
+def model_card(family: Any, teacher: Path, meta: dict[str, Any], call: dict[str, Any] | None = None) -> str:
+    """The card: where the student came from and the exact ``pipe(...)`` calls that run it as it was trained."""
+    call = call or {family.guidance_argument: family.guidance_off, **family.exact_call_kwargs}
+    args = "".join(f", {k}={v!r}" for k, v in call.items())
+    sigmas = {n: student_sigmas(n) for n in (1, 2)}
     return f"""# One-step {family.pipeline_class} distilled with APEX (apexdistill)
 
 Teacher: `{teacher}`. Student: `transformer/` ({'LoRA merged' if meta.get('lora_merged') else 'full weights'},
-{'EMA' if meta.get('ema', True) else 'raw'} weights), objective `{meta.get('objective')}`, {meta.get('steps', '?')} steps.
-The VAE, text encoder and tokenizer are the teacher's. The scheduler is
-`FlowMatchEulerDiscreteScheduler` with shift 1, no dynamic or terminal shift and `stochastic_sampling=True`,
-which is the sampler the student was trained for.
+{'EMA' if meta.get('ema', True) else 'raw'} weights, {meta.get('dtype', 'float32')}), objective `{meta.get('objective')}`,
+{meta.get('steps', '?')} steps. The VAE, text encoder and tokenizer are the ones the run trained with
+({meta.get('components_from', 'the teacher')}). The scheduler is `FlowMatchEulerDiscreteScheduler` with shift 1, no dynamic
+or terminal shift and `stochastic_sampling=True`, which is the sampler the student was trained for.
+
+Call it with these arguments (in `apexdistill.json` as `call` and `sigmas`): they are how the run encoded its prompts
+and how it samples. The pipeline's own defaults (20-50 steps, CFG, its default prompt settings) run a different model.
 
 ```python
 import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("<this folder>", torch_dtype=torch.bfloat16).to("cuda")
-image = pipe("a photo of a cat", sigmas=[0.999], {guidance}{extra}).images[0]          # 1 NFE
-image = pipe("a photo of a cat", sigmas=[0.999, 0.6], {guidance}{extra}).images[0]     # 2 NFE
+image = pipe("a photo of a cat", sigmas={sigmas[1]}{args}).images[0]          # 1 NFE
+image = pipe("a photo of a cat", sigmas={sigmas[2]}{args}).images[0]     # 2 NFE
 ```
 
 Guidance is off: it was distilled into the student (`objective.apex.guidance_ratio` =
-{meta.get('guidance_ratio')}). `lora/` (LoRA runs only) holds the adapter alone for
-`pipe.load_lora_weights(...)` on the teacher pipeline with this scheduler.
+{meta.get('guidance_ratio')}, the teacher's guidance {meta.get('teacher_guidance_scale')}). `lora/` (LoRA runs only)
+holds the adapter alone for `pipe.load_lora_weights(...)` on the teacher pipeline with this scheduler.
 """
 
 
@@ -310,13 +313,17 @@ def save_stock_pipeline(
     link: bool = False,
     overwrite: bool = False,
     meta: dict[str, Any] | None = None,
+    components: dict[str, Path] | None = None,
+    call: dict[str, Any] | None = None,
+    dtype: Any = None,
 ) -> Path:
     """Write a complete stock pipeline folder that ``DiffusionPipeline.from_pretrained`` runs: the
     teacher's ``model_index.json`` (scheduler replaced), the student transformer (LoRA merged into a
-    copy), the teacher's VAE, text encoder and tokenizer (copied, or symlinked with ``link``), the
-    student scheduler, a model card, and ``lora/`` for LoRA runs (``load_lora_weights`` format, with
-    the adapter metadata so alpha survives). Written next to the destination and moved into place,
-    so a failure never leaves a half-written export."""
+    copy, saved in ``dtype``, default float32), the VAE, text encoder and tokenizer (the teacher's, or the folders
+    in ``components`` that the run trained with; copied, or symlinked with ``link``), the student scheduler, a model
+    card with the exact ``call`` arguments, and ``lora/`` for LoRA runs (``load_lora_weights`` format, with the
+    adapter metadata so alpha survives). Written next to the destination and moved into place, so a failure never
+    leaves a half-written export."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from apexdistill.models.lora import has_lora, merge_lora
@@ -335,16 +342,20 @@ def save_stock_pipeline(
     try:
         lora = has_lora(backbone)
         merged = merge_lora(copy.deepcopy(backbone)) if lora else backbone
-        merged.transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+        transformer = merged.transformer if dtype is None else copy.deepcopy(merged.transformer).to(dtype)
+        transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
         for part in ("vae", "text_encoder", "tokenizer"):
-            _place(teacher / part, tmp / part, link)
+            _place((components or {}).get(part) or teacher / part, tmp / part, link)
         FlowMatchEulerDiscreteScheduler(**STUDENT_SCHEDULER).save_pretrained(str(tmp / "scheduler"))
         new_index = {**index, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
         (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2))
         if lora:
             save_pipeline_lora(backbone, tmp / "lora", family)
-        meta.update(lora_merged=lora, family=family.name, teacher=str(teacher.resolve()), linked=link)
-        (tmp / MODEL_CARD).write_text(model_card(family, teacher, meta))
+        meta.update(lora_merged=lora, family=family.name, teacher=str(teacher.resolve()), linked=link,
+                    dtype=str(dtype or "torch.float32").replace("torch.", ""))
+        call = call or {family.guidance_argument: family.guidance_off, **family.exact_call_kwargs}
+        meta.update(call=call, sigmas={str(n): student_sigmas(n) for n in (1, 2, 4)})
+        (tmp / MODEL_CARD).write_text(model_card(family, teacher, meta, call))
         (tmp / META_FILE).write_text(json.dumps({"format": META_FORMAT, "stock_pipeline": True, **meta}, indent=2, default=str))
         _publish(tmp, folder)
     finally:

@@ -47,10 +47,11 @@ class SanaBackbone(Backbone):
     def forward(self, x, t, text, text_mask=None, target_t=None):
         self._check_target(target_t)
         scale = TIMESTEP_SCALE * float(self.transformer.config.get("timestep_scale", 1.0) or 1.0)
-        t = t.to(x.dtype).expand(x.shape[0]) * scale
+        # float32 whatever the latents' dtype, as SanaPipeline passes its scheduler's timesteps (in bf16 0.999 would be 1.0)
+        t = t.float().expand(x.shape[0]) * scale
         guidance = None
         if self.target_time:
-            guidance = (t if target_t is None else target_t.to(x.dtype).expand(x.shape[0]) * scale)
+            guidance = (t if target_t is None else target_t.float().expand(x.shape[0]) * scale)
         out = self.transformer(
             hidden_states=x,
             encoder_hidden_states=text.to(x.dtype),
@@ -111,6 +112,10 @@ class Sana(Family):
             negative_prompt=base.negative_prompt,
             complex_human_instruction=list(self.call_default("complex_human_instruction")),
         )
+
+    def call_kwargs(self, settings: PromptSettings) -> dict[str, Any]:
+        """Also the complex human instruction (``[]`` for none): ``SanaPipeline.__call__`` prepends its own otherwise."""
+        return {**super().call_kwargs(settings), "complex_human_instruction": list(settings.complex_human_instruction or [])}
 
     def _encode(self, pipe: Any, prompts: list[str], settings: PromptSettings, negative: bool) -> tuple[Tensor, ...]:
         device = next(pipe.text_encoder.parameters()).device

@@ -116,6 +116,11 @@ class ZImage(Family):
     default_lora_targets = ZImageBackbone.default_lora_targets
     guidance_argument = "guidance_scale"
     guidance_off = 0.0  # pos + g*(pos - neg): g = 0 is no guidance
+    # ZImagePipeline.__call__ defaults to guidance_scale=5.0, while its own docstring example runs Z-Image-Turbo (the
+    # distilled checkpoint whose scheduler this family's tiny preset mirrors) at guidance_scale=0.0: no default fits both
+    guidance_must_be_stated = ("Z-Image-Turbo runs without CFG (guidance_scale=0.0, the ZImagePipeline docstring's "
+                               "example), the Z-Image base model with CFG (ZImagePipeline.__call__'s default 5.0); "
+                               "a teacher run at the wrong one gives the student the wrong field")
 
     def text_dim(self, transformer_config: dict[str, Any]) -> int:
         return int(transformer_config["cap_feat_dim"])
@@ -208,6 +213,9 @@ class ZImage(Family):
     def guidance_ratio(self, scale: float) -> float:
         """``pos + g*(pos - neg)`` is standard CFG with w = 1 + g: r = g."""
         return max(0.0, float(scale))
+
+    def guidance_scale_of_ratio(self, ratio: float) -> float:
+        return float(ratio)
 
     def set_timesteps(self, scheduler: Any, nfe: int, latent_shape: tuple[int, int, int], device: torch.device | str) -> Tensor:
         """As ``ZImagePipeline.__call__``: mu from the image token count, the default Z-Image sigmas,

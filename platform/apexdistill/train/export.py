@@ -70,22 +70,40 @@ def load_trained_backbone(path: str | Path, use_ema: bool = True) -> tuple[Backb
     return backbone.eval(), cfg
 
 
-def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True, overwrite: bool = False, link: bool = False) -> Path:
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16"}
+
+
+def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True, overwrite: bool = False, link: bool = False,
+                    dtype: str | None = None) -> Path:
     """Export a run. Distilled from a stock pipeline (``model.path`` holds model_index.json): a
     complete stock pipeline folder that ``DiffusionPipeline.from_pretrained`` runs at 1-2 NFE
-    (``save_stock_pipeline``). Otherwise (the built-in digits): ``transformer/`` (LoRA merged) and, for
-    a LoRA run, ``lora/`` with the adapter alone (loads back with ``load_lora``). Both get the
-    resolved training config. The run's MLflow run (if any) gets the export path as a tag and the
-    LoRA adapter as an artifact."""
+    (``save_stock_pipeline``), with the text encoder, tokenizer and VAE the run trained with and the exact call that
+    encodes prompts as it did (``export_conditioning``, which refuses what the stock pipeline cannot reproduce); its
+    transformer in ``dtype`` (default: the teacher transformer's stored dtype). Otherwise (the built-in digits):
+    ``transformer/`` (LoRA merged) and, for a LoRA run, ``lora/`` with the adapter alone (loads back with
+    ``load_lora``). Both get the resolved training config. The run's MLflow run (if any) gets the export path as a tag
+    and the LoRA adapter as an artifact."""
     from apexdistill.models.family import read_model_index
     from apexdistill.models.lora import has_lora, save_lora
     from apexdistill.models.pipeline import save_stock_pipeline
 
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: choose one of {sorted(set(DTYPES))}")
+    cfg, _ = resolve_checkpoint(path)
+    stock = bool(cfg.model.path) and read_model_index(cfg.model.path) is not None
+    conditioning = export_conditioning(cfg) if stock else None  # refused before any weight is loaded
     backbone, cfg = load_trained_backbone(path, use_ema)
     meta = {"ema": use_ema, "objective": cfg.objective.name, "guidance_ratio": cfg.objective.apex.guidance_ratio,
-            "steps": _trained_steps(path)}
-    if cfg.model.path and read_model_index(cfg.model.path) is not None:
-        folder = save_stock_pipeline(out, backbone, cfg.model.path, link=link, overwrite=overwrite, meta=meta)
+            "teacher_guidance_scale": cfg.teacher.guidance_scale, "steps": _trained_steps(path)}
+    if stock:
+        import torch
+
+        stored = DTYPES[dtype] if dtype else teacher_dtype(cfg.model.path)
+        meta.update(conditioning=conditioning["record"], components_from=conditioning["source"])
+        folder = save_stock_pipeline(out, backbone, cfg.model.path, link=link, overwrite=overwrite, meta=meta,
+                                     components=conditioning["components"], call=conditioning["call"],
+                                     dtype=getattr(torch, stored))
     else:
         if link:
             raise ValueError("--link links the teacher pipeline's VAE, text encoder and tokenizer: this run has no pipeline folder (model.path)")
@@ -95,6 +113,66 @@ def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True, ove
     dump_yaml(cfg, folder / "train_config.yaml")
     _record_export(local_run(path), folder)
     return folder
+
+
+def export_conditioning(cfg: Config) -> dict:
+    """What the exported stock pipeline must hold and be called with to condition the student as the run trained it:
+    ``components`` (text_encoder, tokenizer, vae folders), ``call`` (the ``pipe(...)`` arguments: guidance off, the
+    prompt settings), ``record`` (for apexdistill.json). Raises, naming the config field, where the stock pipeline
+    cannot reproduce it: a text encoder that is not its own kind (MiniLM, a transformers folder), another family's
+    encoder, a component of another class than the pipeline loads."""
+    import json
+
+    from apexdistill.models.family import family_of_pipeline, read_model_index
+    from apexdistill.models.text import _settings, pipeline_encoder_folders
+    from apexdistill.models.vae import read_vae_config
+
+    teacher = Path(cfg.model.path)
+    family = family_of_pipeline(teacher)
+    index = read_model_index(teacher) or {}
+    te = cfg.text_encoder
+    if te.kind != "pipeline":
+        raise ValueError(f"text_encoder.kind='{te.kind}': this run trained on the text states of "
+                         f"{te.path or 'the built-in MiniLM'}, but the stock {family.pipeline_class} encodes prompts with its "
+                         f"own text encoder ({index.get('text_encoder', ['', '?'])[1]}); exported, the student would run on states "
+                         "it never trained on. Export needs text_encoder.kind=pipeline (the pipeline's own encoder, or another "
+                         f"{family.pipeline_class}'s)")
+    pipeline, encoder, tokenizer = pipeline_encoder_folders(te.path or teacher)
+    if family_of_pipeline(pipeline).name != family.name:
+        raise ValueError(f"text_encoder.path='{te.path}' is a {family_of_pipeline(pipeline).pipeline_class}'s encoder; the exported "
+                         f"{family.pipeline_class} would encode prompts differently")
+    want = index.get("text_encoder", [None, None])[1]
+    got = (json.loads((encoder / "config.json").read_text()).get("architectures") or [want])[0]
+    if want and got != want:
+        raise ValueError(f"text_encoder.path: the encoder at '{encoder}' is a {got}, but {family.pipeline_class} loads a {want}: "
+                         "the stock pipeline cannot run it")
+    vae_folder, vae_conf, _ = read_vae_config(cfg.vae.path or teacher)
+    want_vae = index.get("vae", [None, None])[1]
+    if want_vae and vae_conf.get("_class_name") != want_vae:
+        raise ValueError(f"vae.path: the VAE at '{vae_folder}' is a {vae_conf.get('_class_name')}, but {family.pipeline_class} "
+                         f"loads a {want_vae}: the stock pipeline cannot run it")
+    settings = _settings(te, family)
+    call = {family.guidance_argument: family.guidance_off, **family.exact_call_kwargs, **family.call_kwargs(settings)}
+    own = pipeline.resolve() == teacher.resolve() and vae_folder.resolve() == (teacher / "vae").resolve()
+    record = {"text_encoder": str(encoder.resolve()), "tokenizer": str(tokenizer.resolve()), "vae": str(vae_folder.resolve()),
+              "max_sequence_length": settings.max_sequence_length, "negative_prompt": settings.negative_prompt,
+              "complex_human_instruction": settings.complex_human_instruction}
+    return {"components": {"text_encoder": encoder, "tokenizer": tokenizer, "vae": vae_folder}, "call": call,
+            "record": record, "source": "the teacher's" if own else f"text encoder {encoder}, VAE {vae_folder}"}
+
+
+def teacher_dtype(folder: str | Path) -> str:
+    """The dtype the teacher pipeline's transformer weights are stored in (its first safetensors tensor)."""
+    import json
+    import struct
+
+    files = sorted((Path(folder) / "transformer").glob("*.safetensors"))
+    if not files:
+        return "float32"
+    with files[0].open("rb") as fh:
+        header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+    stored = next((v["dtype"] for k, v in header.items() if k != "__metadata__"), "F32")
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(stored, "float32")
 
 
 def _trained_steps(path: str | Path) -> int | None:

@@ -503,10 +503,13 @@ def bind_reference(objective: torch.nn.Module, strategy: Strategy, frozen: dict[
                    negative: dict[str, list] | None = None) -> None:
     """Give the objective its reference weights (``reference_weights`` on this strategy, with the kept
     initial weights) and the cache's negative embedding, if any (``{"text": ..., "mask": ...}``)."""
+    from apexdistill.models.family import get_family
+
     neg = None
     if negative:
         neg = (torch.tensor(negative["text"], dtype=torch.float32), torch.tensor(negative["mask"], dtype=torch.long))
-    objective.set_guidance(neg, lambda source: reference_weights(strategy, source, frozen))
+    objective.set_guidance(neg, lambda source: reference_weights(strategy, source, frozen),
+                           guide=get_family(strategy.cfg.model.backbone).guided_velocity)  # the teacher's own CFG rule
 
 
 def keep_initial_weights(cfg: Config, backbone: torch.nn.Module) -> dict[str, torch.Tensor] | None:
