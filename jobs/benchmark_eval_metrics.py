@@ -113,15 +113,10 @@ class EulerAsOneStep(torch.nn.Module):
 def _collapse(build_config) -> dict:
     """A tiny Sana pipeline's weights as the one-step student, and a generator that ignores its noise."""
     from apexdistill.eval.features import build_tiny_dinov2
-    from apexdistill.eval.quality import QualityWorker, evaluate_quality, prepare
+    from apexdistill.eval.quality import CollapsedGenerator, QualityWorker, evaluate_quality, prepare
     from apexdistill.models.build import build_backbone
     from apexdistill.models.family import get_family
     from apexdistill.models.text import build_text_encoder
-
-    class Collapsed(torch.nn.Module):
-        def forward(self, x, t, text, mask=None):  # x0 = z - t*v is one fixed image whatever the noise
-            const = torch.linspace(-0.5, 0.5, x[0].numel()).reshape(x.shape[1:]).to(x)
-            return (x - const) / t.reshape(-1, *[1] * (x.dim() - 1)).clamp_min(1e-3)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = get_family("sana").build_tiny_pipeline(Path(tmp) / "sana", seed=0)
@@ -136,7 +131,7 @@ def _collapse(build_config) -> dict:
         c, h, _ = build_vae(cfg.vae, cfg.data.image_channels).latent_shape(32)
         student = build_backbone(cfg.model, c, h, build_text_encoder(cfg.text_encoder).dim)
         out = {}
-        for name, model in (("student", student), ("collapsed", Collapsed())):
+        for name, model in (("student", student), ("collapsed", CollapsedGenerator())):
             worker = QualityWorker(model, cfg, list(spec.prompt_set.prompts), 32, 32)
             report = evaluate_quality(spec, worker=worker, progress=False)
             row = report.students()[0]

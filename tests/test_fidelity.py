@@ -101,7 +101,11 @@ def test_export_reproduces_the_runs_prompt_settings(sana_folder, tmp_path):
     from apexdistill.train.driver import run_training
     from apexdistill.train.export import export_pipeline, load_trained_backbone
 
-    cfg = _sana_cfg(sana_folder, tmp_path / "work", "run.name=no-instruction", "text_encoder.complex_human_instruction=[]",
+    import shutil
+
+    teacher = tmp_path / "teacher"  # its own copy: its VAE is replaced below
+    shutil.copytree(sana_folder, teacher)
+    cfg = _sana_cfg(teacher, tmp_path / "work", "run.name=no-instruction", "text_encoder.complex_human_instruction=[]",
                     "text_encoder.negative_prompt=blurry, low quality")
     result = run_training(cfg)
     out = export_pipeline(result.run_dir, tmp_path / "export")
@@ -122,6 +126,16 @@ def test_export_reproduces_the_runs_prompt_settings(sana_folder, tmp_path):
     stock = pipe(PROMPTS, sigmas=meta["sigmas"]["1"], height=SIDE, width=SIDE, output_type="latent",
                  generator=torch.Generator().manual_seed(5), **default).images
     assert float((sample_run(model, run_cfg, PROMPTS, 1, 1, seed=5, latents=True) - stock).abs().max()) > 1e-4
+
+    # the checkpoint records the conditioning it trained with: a teacher whose VAE changed since is not exported
+    state = json.loads(next((result.run_dir / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert state["conditioning"]["text_encoder"]["settings"]["complex_human_instruction"] == []
+    assert json.loads((result.run_dir / "conditioning.json").read_text()) == state["conditioning"]
+    vae_config = teacher / "vae" / "config.json"
+    vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "scaling_factor": 0.5}))
+    with pytest.raises(ValueError, match=r"no longer give the conditioning it trained with \(vae\.identity"):
+        export_pipeline(result.run_dir, tmp_path / "export-2")
+    assert not (tmp_path / "export-2").exists()
 
 
 def test_export_refuses_a_text_encoder_the_stock_pipeline_does_not_run(sana_folder, tmp_path):

@@ -193,28 +193,16 @@ def test_quality_on_a_tiny_stock_pipeline_with_clip_and_dinov2(models, tmp_path)
 
 def test_a_collapsed_generator_has_no_diversity_and_a_large_fd(models, tmp_path):
     """One output for every noise: diversity ~ 0 (flagged) and an FD to the teacher far above a working student's."""
-    from apexdistill.eval.quality import QualityWorker, evaluate_quality, prepare
+    from apexdistill.eval.quality import CollapsedGenerator, QualityWorker, evaluate_quality, prepare
 
-    class Collapsed(torch.nn.Module):
-        """A one-step generator that ignores its noise: x0 = z - t*v is the same image for every z."""
-
-        def __init__(self, like):
-            super().__init__()
-            self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
-            self.like = like
-
-        def forward(self, x, t, text, mask=None):
-            const = torch.linspace(-0.5, 0.5, x[0].numel()).reshape(x.shape[1:]).to(x)
-            return (x - const) / t.reshape(-1, *[1] * (x.dim() - 1)).clamp_min(1e-3)
-
-    # DINOv2's 32 features and 72 images a row: N well above D, so the FD is not dominated by its small-N bias
-    cfg = _pipeline_cfg(models, tmp_path, "eval.nfe=[1]", "eval.noise_draws=1", "eval.images_per_prompt=6", "eval.prompt_limit=12",
+    # DINOv2's 32 features and 64 images a row: N above D, so the FD is not dominated by its small-N bias
+    cfg = _pipeline_cfg(models, tmp_path, "eval.nfe=[1]", "eval.noise_draws=1", "eval.images_per_prompt=8", "eval.prompt_limit=8",
                         "eval.features=dinov2", f"eval.feature_model={models['dinov2']}")
     spec = prepare("in-process", cfg, None, SIDE, SIDE)
     working = QualityWorker(_student(cfg, 0.0), cfg, list(spec.prompt_set.prompts), SIDE, SIDE)
     good_report = evaluate_quality(spec, worker=working, progress=False)
     good = good_report.students()[0]
-    collapsed_worker = QualityWorker(Collapsed(working.teacher), cfg, list(spec.prompt_set.prompts), SIDE, SIDE,
+    collapsed_worker = QualityWorker(CollapsedGenerator(), cfg, list(spec.prompt_set.prompts), SIDE, SIDE,
                                      teacher=working.teacher)
     bad_report = evaluate_quality(spec, worker=collapsed_worker, progress=False)
     bad = bad_report.students()[0]

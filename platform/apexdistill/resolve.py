@@ -8,6 +8,7 @@ registers (``apexdistill/__init__.py`` registers it lazily, so importing the sch
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -65,3 +66,32 @@ def resolve_defaults(cfg: "Config", source: str = "<config>") -> "Config":
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"invalid config ({source}): {exc}") from None
     return resolved
+
+
+def conditioning_record(cfg: Config) -> dict[str, Any]:
+    """The conditioning a run trains with, resolved from its files: the family, the teacher's guidance (scale, ratio,
+    the pipeline class whose CFG rule it is, its scheduler), the text encoder (kind, folder, identity and the prompt
+    settings the pipeline encodes with) and the VAE (folder, identity). Written to the run folder
+    (``conditioning.json``), to MLflow, and into every checkpoint's state; the export checks the folders still give it
+    (read from config files only: no model is loaded)."""
+    from apexdistill.models.family import read_model_index
+
+    te = cfg.text_encoder
+    text: dict[str, Any] = {"kind": te.kind, "path": te.path, "max_length": te.max_length}
+    if te.kind == "pipeline":
+        from apexdistill.models.text import pipeline_encoder_info
+
+        info = pipeline_encoder_info(te)
+        text.update(identity=info["identity"], settings=info["settings"], folder=str(Path(info["text_encoder"]).resolve()))
+    vae = None
+    if cfg.vae.path:
+        from apexdistill.models.vae import read_vae_config
+
+        folder, conf, cls = read_vae_config(cfg.vae.path)
+        vae = {"folder": str(folder.resolve()), "identity": cls.config_identity(folder.name, conf)}
+    index = read_model_index(cfg.model.path) if cfg.model.path and "://" not in cfg.model.path and not cfg.model.path.startswith(
+        "builtin:") else None
+    return {"family": cfg.model.backbone, "teacher": cfg.model.path, "guidance_scale": cfg.teacher.guidance_scale,
+            "guidance_ratio": cfg.objective.apex.guidance_ratio, "pipeline_class": (index or {}).get("_class_name"),
+            "teacher_scheduler": ((index or {}).get("scheduler") or [None, None])[1], "text_encoder": text, "vae": vae,
+            "buckets": cfg.data.buckets}

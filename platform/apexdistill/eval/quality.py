@@ -300,6 +300,15 @@ class QualityActor:
         return self.worker.run(_batch_from_record(rec))
 
 
+class CollapsedGenerator(torch.nn.Module):
+    """The known-bad reference for the diversity metric: a one-step generator that ignores its noise. At the
+    sampler's query it returns the velocity whose endpoint x0 = x - t*v is one fixed image, whatever x is."""
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, mask: Tensor | None = None) -> Tensor:
+        const = torch.linspace(-0.5, 0.5, x[0].numel(), device=x.device, dtype=x.dtype).reshape(x.shape[1:])
+        return (x - const) / t.reshape(-1, *[1] * (x.dim() - 1)).clamp_min(1e-3)
+
+
 # ----------------------------------------------------------------------------- results
 
 

@@ -32,6 +32,9 @@ class TrainResult:
     eval_scores: dict[str, float] = field(default_factory=dict)  # where the latest checkpoint is: the local folder, or its URI on run.storage_uri
 
 
+CONDITIONING_FILE = "conditioning.json"  # in the run folder and MLflow: apexdistill.resolve.conditioning_record
+
+
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.workdir).resolve() / "runs" / cfg.run.name
 
@@ -385,6 +388,10 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     connect(cfg, address)
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "config.yaml")
+    from apexdistill.resolve import conditioning_record
+
+    conditioning = conditioning_record(cfg)  # resolved once: what every checkpoint records and the export reproduces
+    (out / CONDITIONING_FILE).write_text(json.dumps(conditioning, indent=2))
     cache = run_preprocess(cfg)
     shapes = DataShapes.from_manifest(cache.manifest, cache.uri)
     shapes.save(out)
@@ -404,6 +411,8 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
         verb = "resuming" if handle.resumed else "logging to"
         print(f"[train] MLflow: {verb} run {handle.run_id} in experiment '{cfg.tracking.experiment}' ({redact_uri(handle.uri)})", flush=True)
     logger = RunLogger.from_handle(handle)
+    if logger is not None:
+        logger.log_dict(conditioning, CONDITIONING_FILE)
 
     if cfg.eval.every:  # the in-training scores need the classifier: train it here, not in every worker
         prepare_evaluator(cfg)
@@ -421,7 +430,7 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
         "config": cfg.model_dump(mode="json"), "run_dir": str(out), "shapes": shapes.__dict__,
         "row_bytes": row_bytes(cache.manifest), "tracking": handle.as_dict() if handle else None,
         "sample_prompts": sample_prompts(cfg, cache.uri) if handle or cfg.eval.every else None,
-        "negative": negative_embedding(cache.uri),
+        "negative": negative_embedding(cache.uri), "conditioning": conditioning,
         # quiet mode: Ray forwards no worker output; rank 0 appends its progress here and we print it
         "progress_file": str(out / PROGRESS_FILE) if loop_progress else None,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file
 
@@ -90,9 +91,11 @@ def export_pipeline(path: str | Path, out: str | Path, use_ema: bool = True, ove
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: choose one of {sorted(set(DTYPES))}")
-    cfg, _ = resolve_checkpoint(path)
+    cfg, ckpt = resolve_checkpoint(path)
     stock = bool(cfg.model.path) and read_model_index(cfg.model.path) is not None
     conditioning = export_conditioning(cfg) if stock else None  # refused before any weight is loaded
+    if stock:
+        check_conditioning_unchanged(cfg, ckpt)
     backbone, cfg = load_trained_backbone(path, use_ema)
     meta = {"ema": use_ema, "objective": cfg.objective.name, "guidance_ratio": cfg.objective.apex.guidance_ratio,
             "teacher_guidance_scale": cfg.teacher.guidance_scale, "steps": _trained_steps(path)}
@@ -159,6 +162,29 @@ def export_conditioning(cfg: Config) -> dict:
               "complex_human_instruction": settings.complex_human_instruction}
     return {"components": {"text_encoder": encoder, "tokenizer": tokenizer, "vae": vae_folder}, "call": call,
             "record": record, "source": "the teacher's" if own else f"text encoder {encoder}, VAE {vae_folder}"}
+
+
+def check_conditioning_unchanged(cfg: Config, ckpt: Path) -> None:
+    """The folders the export ships must still give the conditioning the checkpoint recorded when it was trained
+    (a teacher folder whose encoder or VAE was replaced since would ship other components than the student knows)."""
+    import json
+
+    from apexdistill.resolve import conditioning_record
+
+    recorded = json.loads((ckpt / CHECKPOINT_STATE).read_text()).get("conditioning")
+    if not recorded:  # a checkpoint from before the record existed
+        return
+    now = json.loads(json.dumps(conditioning_record(cfg)))
+
+    def changed(a: Any, b: Any, key: str = "") -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [c for k in sorted(set(a) | set(b)) for c in changed(a.get(k), b.get(k), f"{key}.{k}" if key else k)]
+        return [] if a == b else [f"{key}: trained with {a!r}, now {b!r}"]
+
+    diff = changed(recorded, now)
+    if diff:
+        raise ValueError(f"export: the folders this run names no longer give the conditioning it trained with ({'; '.join(diff)}); "
+                         "exported, the student would be run on other components: restore them, or train again")
 
 
 def teacher_dtype(folder: str | Path) -> str:

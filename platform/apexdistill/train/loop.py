@@ -582,7 +582,8 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: Any = None) -> N
 
     def trainer_state() -> dict[str, Any]:
         return {"step": step, "trained_seconds": trained_seconds + time.time() - started, "objective": cfg.objective.name,
-                "strategy": cfg.train.strategy, "world_size": world, "identity": run_identity(cfg)}
+                "strategy": cfg.train.strategy, "world_size": world, "identity": run_identity(cfg),
+                "conditioning": loop_config.get("conditioning")}
 
     def checkpoint(final: bool) -> Any:
         state = trainer_state()
