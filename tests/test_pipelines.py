@@ -210,7 +210,7 @@ def test_preprocess_train_lora_fsdp2_export_and_run_in_the_stock_pipeline(tiny, 
     images = sample_run(model, run_cfg, list(PROMPTS), 1, 1, seed=5)
     assert images.shape == (2, 3, SIDE, SIDE) and images.abs().max() <= 1.0
 
-    # `apexdistill evaluate` on a pipeline run: the teacher as users run it (its scheduler, CFG, 50 steps) against
+    # `apexdistill evaluate` on a pipeline run: the teacher as users run it (its scheduler, CFG; 8 steps here) against
     # the student at 1 and 2 NFE over the run's captions, on a Ray Data actor, scored, decoded into a grid, and
     # logged into the run's MLflow run
     from apexdistill.cli import main
@@ -218,9 +218,9 @@ def test_preprocess_train_lora_fsdp2_export_and_run_in_the_stock_pipeline(tiny, 
     out_dir = tmp_path / "quality"
     capsys.readouterr()
     assert main(["evaluate", str(result.run_dir), "--nfe", "1", "2", "-o", str(out_dir), "eval.images_per_prompt=2",
-                 "eval.prompt_limit=4"]) == 0
+                 "eval.prompt_limit=4", "eval.teacher_nfe=8"]) == 0
     printed = capsys.readouterr().out
-    assert "| teacher (floor) | 50 |" in printed and "| student | 2 |" in printed and "FD to teacher" in printed
+    assert "| teacher (floor) | 8 |" in printed and "| student | 2 |" in printed and "FD to teacher" in printed
     metrics = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.metrics
     assert {"eval/fd_teacher_1nfe", "eval/fd_teacher_2nfe", "eval/diversity_1nfe", "eval/ms_per_image_2nfe",
             "eval/teacher_fd_floor"} <= set(metrics)

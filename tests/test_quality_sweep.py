@@ -43,6 +43,7 @@ def _pipeline_base(workdir, sana):
         f"model.path={sana}", f"run.workdir={workdir}", f"data.resolution={SIDE}", f"text_encoder.max_length={L}", "data.limit=32",
         "model.lora.enabled=true", "model.lora.rank=4", "train.batch_size=8", "train.log_every=2", "train.checkpoint_every=0",
         "objective.apex.generator_warmup_steps=0", "eval.prompt_limit=4", "eval.images_per_prompt=2", "eval.teacher_nfe=4",
+        "eval.during_samples_per_class=4",
         "eval.nfe=[1]", "tracking.experiment=quality-sweeps"])
 
 

@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "to the teacher, CLIP score, diversity and end-to-end ms/image over a prompt set)")
     e.add_argument("run", help="run folder (<workdir>/runs/<name>), a checkpoint folder, or builtin:teacher (the shipped "
                    "digits teacher; with --euler --nfe 50 its reference row)")
-    e.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4])
+    e.add_argument("--nfe", nargs="+", default=[1, 2, 4], help="student steps (integers; key=value overrides may follow)")
     e.add_argument("--euler", action="store_true", help="use the multi-step Euler ODE sampler (teachers)")
     e.add_argument("--raw", action="store_true", help="evaluate the raw weights instead of the EMA")
     e.add_argument("--samples-per-class", type=int, default=None)
@@ -416,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may follow options (`evaluate RUN --nfe 1 2 eval.features=dinov2`): argparse leaves
     # positionals after an option's values unparsed, so they are taken here
     args, extra = parser.parse_known_args(argv)
+    if args.command == "evaluate":  # `--nfe 1 2 eval.features=dinov2`: the overrides after the NFEs are overrides
+        extra = [str(v) for v in args.nfe if "=" in str(v)] + extra
+        try:
+            args.nfe = [int(v) for v in args.nfe if "=" not in str(v)]
+        except ValueError:
+            parser.error(f"argument --nfe: expected integers, got {' '.join(map(str, args.nfe))}")
     if extra:
         if not hasattr(args, "overrides") or any("=" not in a or a.startswith("-") for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
