@@ -237,3 +237,27 @@ def test_two_ray_data_actors_give_the_numbers_of_one(tmp_path):
         assert b.fd_teacher_std == pytest.approx(a.fd_teacher_std, rel=1e-5)
     # a real signal on the digits: the teacher's own floor is below its one-step row's distance
     assert in_process.teacher.fd_teacher < in_process.students()[0].fd_teacher
+
+
+def test_a_turbo_teacher_stated_without_guidance_is_sampled_without_cfg(tmp_path):
+    """Z-Image-Turbo's teacher.guidance_scale=0.0 is kept (not taken for unset): no negative prompt, no CFG pass."""
+    from apexdistill.eval.quality import QualityWorker
+    from apexdistill.models.family import get_family
+
+    folder = get_family("zimage").build_tiny_pipeline(tmp_path / "zimage", seed=0)
+    cfg = build_config({}, [f"model.path={folder}", f"data.resolution={SIDE}", f"text_encoder.max_length={L}",
+                            "teacher.guidance_scale=0.0", "eval.nfe=[1]"])
+    worker = QualityWorker(_student(cfg), cfg, ["a cat"], SIDE, SIDE)
+    assert worker.guidance == 0.0 and worker.neg is None and not worker.family.uses_cfg(worker.guidance)
+
+
+def test_evaluate_keeps_a_digits_run_on_the_digit_metrics_with_eval_overrides(tmp_path, capsys):
+    """`evaluate RUN eval.key=value` on a digits run scores prompt accuracy and the FD proxy with the overrides applied;
+    --quality switches to the real-model scores; a repeated NFE is refused."""
+    from apexdistill.cli import main
+
+    assert main(["evaluate", "builtin:teacher", "--nfe", "1", "--draws", "1", "--workdir", str(tmp_path), "eval.samples_per_class=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "FD proxy" in printed and "FD to teacher" not in printed
+    assert main(["evaluate", "builtin:teacher", "--nfe", "1", "1", "--workdir", str(tmp_path)]) == 2
+    assert "eval.nfe lists 1 more than once" in capsys.readouterr().err

@@ -99,8 +99,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from apexdistill.train.data import digit_caption_table
 
     model, cfg = _load_model_arg(args.run, use_ema=not args.raw, workdir=args.workdir)
-    if args.quality or cfg.text_encoder.kind == "pipeline" or args.overrides:
+    if args.quality or cfg.text_encoder.kind == "pipeline":
         return _evaluate_quality(args, cfg)
+    import json
+
+    from apexdistill.config import build_config
+
+    cfg = build_config(cfg.model_dump(mode="json"), [f"eval.nfe={json.dumps(list(args.nfe))}", *_eval_overrides(args.overrides)],
+                       source=f"{args.run} with the evaluate overrides")
     if {args.height or cfg.data.resolution, args.width or cfg.data.resolution} != {cfg.data.resolution}:
         raise ValueError(f"--height/--width: the digit classifier scores {cfg.data.resolution}x{cfg.data.resolution} images only; "
                          "use `apexdistill sample --height --width` to look at other sizes")
@@ -115,9 +121,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.draws:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"noise_draws": args.draws})})
     bench = DigitsBench(cfg, *digit_caption_table(cfg))
-    rows = bench.score(Path(args.run).name, model, args.nfe, "euler" if args.euler else "few_step")
+    rows = bench.score(Path(args.run).name, model, cfg.eval.nfe, "euler" if args.euler else "few_step")
     print(format_table(rows, bench.evaluator.floor_fd))
     return 0
+
+
+def _eval_overrides(overrides: list[str]) -> list[str]:
+    bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("eval.")]
+    if bad:
+        raise ValueError(f"evaluate takes eval.* overrides only (the run's training settings are fixed), got: {' '.join(bad)}")
+    return list(overrides)
 
 
 def _evaluate_quality(args: argparse.Namespace, cfg) -> int:
@@ -131,9 +144,7 @@ def _evaluate_quality(args: argparse.Namespace, cfg) -> int:
     from apexdistill.train.driver import connect, log_quality, run_logger
     from apexdistill.train.export import resolve_checkpoint
 
-    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("eval.")]
-    if bad:
-        raise ValueError(f"evaluate takes eval.* overrides only (the run's training settings are fixed), got: {' '.join(bad)}")
+    _eval_overrides(args.overrides)
     updates = [f"eval.nfe={json.dumps(list(args.nfe))}"]
     if args.draws:
         updates.append(f"eval.noise_draws={args.draws}")

@@ -395,10 +395,14 @@ class EvalConfig(_Section):
     seed: int = 1234
     batch_size: int = Field(500, ge=1)
     feature_extractor: str | None = Field(None, description="local TorchScript feature network; default: the digit classifier")
-    at_end: bool = Field(True, description="after training on the built-in digits, score the final weights and log them to MLflow")
-    every: int = Field(0, ge=0, description="score 1-NFE quality every N training steps on the built-in digits and report it "
-                                            "(sweeps: ASHA stops poor trials on it); 0 = off")
-    during_samples_per_class: int = Field(20, ge=1, description="images per prompt for the in-training scores")
+    at_end: bool = Field(True, description="after training, score the final weights and log them to MLflow: the digits' "
+                         "accuracy and FD proxy, or (a teacher in model.path) the FD to the teacher, CLIP score, diversity and "
+                         "speed over eval.prompts")
+    every: int = Field(0, ge=0, description="score 1-NFE quality every N training steps and report it (sweeps: ASHA stops "
+                                            "poor trials on it): the digits' FD proxy, or the FD to the teacher in the "
+                                            "latent space on the fixed prompts; 0 = off")
+    during_samples_per_class: int = Field(20, ge=1, description="images per prompt for the in-training scores (2 or more "
+                                          "for the in-training diversity)")
     noise_draws: int = Field(1, ge=1, le=64, description="score each row on this many independent noise draws of "
                              "samples_per_class images per prompt and report the means (and the FD's spread across the draws): "
                              "at 100 per prompt one draw's FD proxy moves by 0.25-0.35 (std) with the noise alone, about 10% of the "
@@ -428,7 +432,8 @@ class EvalConfig(_Section):
     actors: int = Field(1, ge=0, description="pipeline runs: Ray Data actors that generate and featurize (a GPU each with "
                         "eval.actor_gpus); 0 = in this process, no Ray")
     actor_cpus: float = Field(0.5, gt=0, description="CPUs per evaluation actor (fractional on small machines)")
-    actor_gpus: float = Field(0.0, ge=0, description="GPUs per evaluation actor (1 on a GPU cluster)")
+    actor_gpus: float | None = Field(None, ge=0, description="GPUs per evaluation actor; default 1 when the run trains "
+                                     "on GPUs (train.use_gpu) or evaluate runs with --device cuda, else 0")
     pipeline_batch_size: int = Field(8, ge=1, description="pipeline runs: images generated at once (the batch size the "
                                      "speed is stated at)")
 
@@ -449,6 +454,9 @@ class EvalConfig(_Section):
         bad = [n for n in self.nfe if n < 1]
         if bad or not self.nfe:
             raise ValueError(f"eval.nfe must be a non-empty list of positive integers, got {self.nfe}")
+        twice = sorted({n for n in self.nfe if self.nfe.count(n) > 1})
+        if twice:
+            raise ValueError(f"eval.nfe lists {', '.join(map(str, twice))} more than once, got {self.nfe}")
         return self
 
 

@@ -59,7 +59,9 @@ class Batch:
 
 
 def image_seed(seed: int, draw: int, prompt_idx: int, sample: int) -> int:
-    """The noise seed of one image: independent across draws, prompts and samples, whatever the batching."""
+    """The initial noise seed of one image: independent across draws, prompts and samples, whatever the batching. (The
+    2- and 4-NFE rows' re-noise is drawn per batch, from its first seed: those rows depend on eval.pipeline_batch_size,
+    not on how many actors share the batches.)"""
     return int(np.random.SeedSequence([seed, draw, prompt_idx, sample]).generate_state(1)[0])
 
 
@@ -136,7 +138,7 @@ class QualityWorker:
             text_dim = int(self.encoder.dim)
             teacher = build_backbone(_disabled_lora(cfg.model), c, self.vae.latent_shape(cfg.data.resolution)[-1], text_dim)
         self.teacher = teacher.to(self.device).eval()
-        self.guidance = float(cfg.teacher.guidance_scale or 1.0)
+        self.guidance = float(1.0 if cfg.teacher.guidance_scale is None else cfg.teacher.guidance_scale)  # Z-Image-Turbo: 0.0
         self.neg = None
         if self.pipeline:
             from apexdistill.eval.pipeline import load_teacher_scheduler
@@ -235,18 +237,6 @@ class QualityWorker:
         arrays["png"] = np.asarray(out["png"], dtype=object)
         return arrays
 
-    @torch.no_grad()
-    def reference_features(self, folder: str, height: int, width: int) -> np.ndarray:
-        """Features of the real images in ``folder`` (``eval.reference``), resized and centre-cropped."""
-        images = load_reference_images(folder, height, width, self.cfg.data.image_channels)
-        feats = []
-        for start in range(0, images.shape[0], 16):
-            chunk = images[start:start + 16].to(self.device)
-            latents = self.vae.encode(chunk) if not self.features.needs_images else None
-            feats.append(self.features(latents, chunk).float().numpy())
-        return np.concatenate(feats)
-
-
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -265,16 +255,20 @@ def _png(image: Tensor) -> bytes:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def load_reference_images(folder: str, height: int, width: int, channels: int = 3) -> Tensor:
-    """The images of a folder in [-1, 1], (N, C, height, width): shorter side resized, centre-cropped."""
-    from PIL import Image
-
+def reference_files(folder: str) -> list[Path]:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"eval.reference: no such folder {root} (expected a folder of images)")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
         raise ValueError(f"eval.reference: {root} holds {len(files)} image(s) ({', '.join(IMAGE_SUFFIXES)}); the FD needs at least 2")
+    return files
+
+
+def load_reference_images(files: list[Path], height: int, width: int, channels: int = 3) -> Tensor:
+    """Images in [-1, 1], (N, C, height, width): shorter side resized, centre-cropped."""
+    from PIL import Image
+
     out = []
     for f in files:
         img = Image.open(f).convert("L" if channels == 1 else "RGB")
@@ -285,6 +279,24 @@ def load_reference_images(folder: str, height: int, width: int, channels: int = 
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         out.append(torch.from_numpy(arr / 127.5 - 1.0))
     return torch.stack(out)
+
+
+@torch.no_grad()
+def reference_features(spec: "QualitySpec", chunk: int = 32) -> np.ndarray:
+    """Features of the real images of ``eval.reference`` in the evaluation's feature space (through the run's VAE for
+    latent features), a chunk at a time: only the VAE and the feature model are loaded, never the whole folder."""
+    from apexdistill.models.vae import build_vae
+
+    cfg, device = spec.cfg, torch.device(spec.device)
+    files = reference_files(cfg.eval.reference)
+    vae = build_vae(cfg.vae, cfg.data.image_channels).to(device).eval()
+    features = build_feature_space(cfg.eval, device)
+    out = []
+    for start in range(0, len(files), chunk):
+        images = load_reference_images(files[start:start + chunk], spec.height, spec.width, cfg.data.image_channels).to(device)
+        latents = vae.encode(images) if not features.needs_images else None
+        out.append(features(latents, images).float().numpy())
+    return np.concatenate(out)
 
 
 class QualityActor:
@@ -518,8 +530,8 @@ def prepare(run: str, cfg: Any, run_folder: Path | None, height: int, width: int
     ``prompt_set``: these prompts instead of ``eval.prompts`` / the run's captions."""
     prompt_set = prompt_set or run_prompts(cfg, run_folder)
     check_eval_models(cfg.eval)
-    if cfg.eval.reference and not Path(cfg.eval.reference).expanduser().is_dir():
-        raise FileNotFoundError(f"eval.reference: no such folder {cfg.eval.reference} (expected a folder of images)")
+    if cfg.eval.reference:
+        reference_files(cfg.eval.reference)
     if not cfg.model.path:
         raise ValueError("model.path: this run has no teacher to compare with (it was trained from a random init)")
     return QualitySpec(run, cfg, prompt_set, height, width, device, use_ema)
@@ -549,11 +561,7 @@ def evaluate_quality(spec: QualitySpec, actors: int | None = None, out_dir: Path
             meter.add(len(part["model"]))
     meter.done()
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    real = None
-    if e.reference:
-        ref_worker = worker or QualityWorker.from_run(spec.run, e.model_dump(), list(spec.prompt_set.prompts), spec.height,
-                                                      spec.width, spec.device, spec.use_ema)
-        real = ref_worker.reference_features(e.reference, spec.height, spec.width)
+    real = reference_features(spec) if e.reference else None
     rows = aggregate(columns, spec.prompt_set, e.noise_draws, e.teacher_nfe, real)
     truncated = clip_truncated(e.clip_model, list(spec.prompt_set.prompts)) if e.clip_model else 0
     report = QualityReport(rows, spec.prompt_set.source, spec.prompt_set.hash, len(spec.prompt_set), e.images_per_prompt,
@@ -572,21 +580,29 @@ def evaluate_quality(spec: QualitySpec, actors: int | None = None, out_dir: Path
     return report
 
 
+def actor_gpus(spec: QualitySpec) -> float:
+    """GPUs per actor: ``eval.actor_gpus``, else one where the run trained on GPUs or the evaluation asks for CUDA."""
+    if spec.eval.actor_gpus is not None:
+        return float(spec.eval.actor_gpus)
+    return 1.0 if spec.cfg.train.use_gpu or str(spec.device).startswith("cuda") else 0.0
+
+
 def _ray_batches(spec: QualitySpec, batches: list[Batch], actors: int) -> Iterable[dict[str, np.ndarray]]:
     import ray
     import ray.data
 
     e = spec.eval
+    gpus = actor_gpus(spec)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own line says images/s and ETA
     run = spec.run if spec.run.startswith("builtin:") or "://" in spec.run else str(Path(spec.run).resolve())
     actor_spec = {"run": run, "eval_updates": e.model_dump(), "prompts": list(spec.prompt_set.prompts), "height": spec.height,
-                  "width": spec.width, "device": "cuda" if e.actor_gpus > 0 else "cpu", "use_ema": spec.use_ema,
+                  "width": spec.width, "device": "cuda" if gpus > 0 else "cpu", "use_ema": spec.use_ema,
                   "threads": max(1, int(e.actor_cpus))}
     ds = ray.data.from_items([_batch_record(b) for b in batches], override_num_blocks=len(batches))
     out = ds.map_batches(QualityActor, fn_constructor_kwargs={"spec": actor_spec}, batch_size=1,
                          compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=e.actor_cpus,
-                         num_gpus=e.actor_gpus or None, batch_format="numpy",
+                         num_gpus=gpus or None, batch_format="numpy",
                          max_restarts=0)  # a failed actor fails the evaluation (nothing is written): rerun it
     for part in out.iter_batches(batch_size=None, batch_format="numpy"):
         yield {k: np.asarray(v) for k, v in part.items()}

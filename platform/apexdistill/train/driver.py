@@ -267,8 +267,11 @@ def _evaluate_quality_run(cfg: Config, run_folder: Path, logger: Any | None, ste
                           actors: int | None) -> tuple[list[Any], dict[str, float]]:
     from apexdistill.eval.quality import evaluate_quality, format_quality_table, prepare
 
+    import torch
+
     source = str(weights_from or run_folder)
-    spec = prepare(source, cfg, run_folder, cfg.data.resolution, cfg.data.resolution, use_ema=cfg.eval.use_ema)
+    device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"  # a GPU run is scored on a GPU
+    spec = prepare(source, cfg, run_folder, cfg.data.resolution, cfg.data.resolution, device=device, use_ema=cfg.eval.use_ema)
     out = run_folder / "eval" / "quality"
     report = evaluate_quality(spec, actors=actors, out_dir=out)
     print(format_quality_table(report), flush=True)

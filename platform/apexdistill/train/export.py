@@ -145,10 +145,13 @@ def export_conditioning(cfg: Config) -> dict:
         raise ValueError(f"text_encoder.path='{te.path}' is a {family_of_pipeline(pipeline).pipeline_class}'s encoder; the exported "
                          f"{family.pipeline_class} would encode prompts differently")
     want = index.get("text_encoder", [None, None])[1]
-    got = (json.loads((encoder / "config.json").read_text()).get("architectures") or [want])[0]
-    if want and got != want:
-        raise ValueError(f"text_encoder.path: the encoder at '{encoder}' is a {got}, but {family.pipeline_class} loads a {want}: "
-                         "the stock pipeline cannot run it")
+    got = json.loads((encoder / "config.json").read_text()).get("model_type")
+    import transformers
+
+    want_type = getattr(getattr(getattr(transformers, want or "", None), "config_class", None), "model_type", None)
+    if want_type and got and got != want_type:  # the class model_index.json loads reads this config: same model type
+        raise ValueError(f"text_encoder.path: the encoder at '{encoder}' is a '{got}' model, but {family.pipeline_class} loads a "
+                         f"{want} ('{want_type}'): the stock pipeline cannot run it")
     vae_folder, vae_conf, _ = read_vae_config(cfg.vae.path or teacher)
     want_vae = index.get("vae", [None, None])[1]
     if want_vae and vae_conf.get("_class_name") != want_vae:
@@ -193,6 +196,9 @@ def teacher_dtype(folder: str | Path) -> str:
     import struct
 
     files = sorted((Path(folder) / "transformer").glob("*.safetensors"))
+    # the weights from_pretrained loads: diffusion_pytorch_model(-0000x-of-...).safetensors, not a .fp16/.bf16 variant
+    plain = [f for f in files if not any(f".{v}." in f.name for v in ("fp16", "bf16", "fp32"))]
+    files = plain or files
     if not files:
         return "float32"
     with files[0].open("rb") as fh:

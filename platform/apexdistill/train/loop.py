@@ -393,7 +393,7 @@ class InTrainingEval:
                     from apexdistill.eval.pipeline import load_teacher_scheduler
 
                     neg, neg_mask = self.neg if self.neg is not None else (None, None)
-                    guidance = float(self.cfg.teacher.guidance_scale or 1.0)
+                    guidance = float(1.0 if self.cfg.teacher.guidance_scale is None else self.cfg.teacher.guidance_scale)
                     x = family.sample(model, load_teacher_scheduler(self.cfg.model.path), zb, text, mask, self.cfg.eval.teacher_nfe,
                                       guidance, neg if family.uses_cfg(guidance) else None, neg_mask, generator=g)
                 else:
@@ -414,7 +414,7 @@ class InTrainingEval:
         path = self.run_dir / self.REFERENCE_FILE if self.run_dir is not None else None
         have = path is not None and path.is_file()
         if resumed:
-            ok = torch.tensor([1 if have else 0])
+            ok = torch.tensor([1 if have else 0], device=self.device)  # NCCL reduces device tensors only
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
             if not int(ok):
@@ -452,8 +452,10 @@ class InTrainingEval:
             student = pooled_latents(self._sample(model.eval(), self.z, teacher=False)).numpy()
             reference = pooled_latents(self.reference).numpy()
             groups = self.groups.numpy()
-            return {"eval/fd_teacher_1nfe": frechet_distance(student, reference),
-                    "eval/diversity_1nfe": diversity(student, groups) / max(diversity(reference, groups), 1e-12)}
+            out = {"eval/fd_teacher_1nfe": frechet_distance(student, reference)}
+            if self.cfg.eval.during_samples_per_class >= 2:  # diversity needs two images of a prompt
+                out["eval/diversity_1nfe"] = diversity(student, groups) / max(diversity(reference, groups), 1e-12)
+            return out
         finally:
             torch.set_rng_state(rng)
             model.train(was_training)
