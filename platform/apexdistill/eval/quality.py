@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import math
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
