@@ -158,3 +158,19 @@ def test_train_refuses_a_gpu_run_that_cannot_fit_and_names_what_would(capsys):
     assert "the memory plan needs" in capsys.readouterr().err
     # CPU runs are not planned: the existing CPU tests and the demo never pay for it
     assert check_plan_fits(build_config({}, ["train.batch_size=100000"])) is None
+
+
+def test_plan_of_a_published_preset_as_typed_brings_its_own_run(capsys):
+    """`apexdistill plan model.preset=sana-1.6b`, nothing else: the architecture's native 1024 px, bf16 and FSDP2 on an
+    8-GPU node instead of the digits' 16 px on the CPU (which is refused: not a multiple of the VAE's 32), said as an
+    assumption; a key the user sets stays theirs."""
+    assert main(["plan", "--json", "model.preset=sana-1.6b"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["resolution"] == 1024 and plan["precision"] == "bf16" and plan["strategy"] == "fsdp2" and plan["workers"] == 8
+    assert plan["device"] == "cuda" and plan["latent"] == [32, 32, 32]
+    assert any("assumed for sana-1.6b" in n and "data.resolution=1024" in n for n in plan["notes"])
+    assert main(["plan", "--json", "model.preset=sana-1.6b", "data.resolution=512", "train.num_workers=2", "train.strategy=ddp"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["resolution"] == 512 and plan["strategy"] == "ddp" and plan["workers"] == 2 and plan["precision"] == "bf16"
+    assert main(["plan", "model.preset=tiny"]) == 0  # the sized presets keep the digits' defaults
+    assert "assumed" not in capsys.readouterr().out

@@ -38,10 +38,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from apexdistill.config import load_config
-    from apexdistill.plan import format_plan, plan_memory
+    import yaml
 
-    plan = plan_memory(load_config(args.config, list(args.overrides)))
+    from apexdistill.config import flatten, load_config, parse_override
+    from apexdistill.plan import format_plan, plan_memory, published_assumptions
+
+    cfg = load_config(args.config, list(args.overrides))
+    explicit = {parse_override(o)[0] for o in args.overrides}
+    if args.config:
+        explicit |= set(flatten(yaml.safe_load(Path(args.config).read_text()) or {}))
+    assumed = published_assumptions(cfg, explicit)
+    if assumed:  # `plan model.preset=sana-1.6b` as typed: the architecture's own run, not the digits' defaults
+        cfg = load_config(args.config, [*(f"{k}={json.dumps(v)}" for k, v in assumed.items()), *args.overrides])
+    plan = plan_memory(cfg)
+    if assumed:
+        plan.notes.insert(0, f"assumed for {cfg.model.preset} (not set in the config; set them to change): "
+                             + ", ".join(f"{k}={json.dumps(v)}" for k, v in assumed.items()))
     print(json.dumps(plan.as_dict()) if args.json else format_plan(plan))
     return 0
 

@@ -219,6 +219,22 @@ def config_shapes(cfg: Config) -> Shapes:
     return Shapes(latent=(channels, res // down, res // down), text_len=text_len, text_dim=text_dim, notes=notes)
 
 
+#: what a run of a published architecture is, where the config leaves these at the built-in digits' defaults
+def published_assumptions(cfg: Config, explicit: set[str]) -> dict[str, Any]:
+    """For ``model.preset`` = a published architecture (no model.path): its native resolution, bf16 on GPUs and FSDP2 on
+    one 8-GPU node, for each of those keys the config does not set itself (``explicit``: the dotted keys it sets)."""
+    from apexdistill.models.family import get_family
+
+    family = get_family(cfg.model.backbone)
+    if cfg.model.path or cfg.model.preset not in family.published_presets:
+        return {}
+    want = {"data.resolution": family.published_resolution, "train.use_gpu": True, "train.precision": "bf16",
+            "train.strategy": "fsdp2", "train.num_workers": 8}
+    if {"train.strategy", "train.num_workers"} & explicit:  # a parallel setup of the user's own: keep it whole
+        want = {k: v for k, v in want.items() if k not in ("train.strategy", "train.num_workers")}
+    return {k: v for k, v in want.items() if k not in explicit}
+
+
 def _encoder_width(cfg: Config) -> int:
     """Width of the configured (non-pipeline) text encoder, from its config.json."""
     from apexdistill.models.text import minilm_path

@@ -273,6 +273,8 @@ class Family:
     published_presets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: pixels per latent cell of the VAE the published pipelines ship (for plans at a pixel resolution)
     vae_downsample: ClassVar[int] = 8
+    #: the side the published checkpoints generate at by default (their pipelines' 1024 x 1024): what `plan` assumes
+    published_resolution: ClassVar[int] = 1024
 
     def preset_names(self) -> list[str]:
         return [*self.SIZED_PRESETS, *self.published_presets]
