@@ -137,14 +137,13 @@ class QualityWorker:
             text_dim = int(self.encoder.dim)
             teacher = build_backbone(_disabled_lora(cfg.model), c, self.vae.latent_shape(cfg.data.resolution)[-1], text_dim)
         self.teacher = teacher.to(self.device).eval()
-        self.guidance = float(1.0 if cfg.teacher.guidance_scale is None else cfg.teacher.guidance_scale)  # Z-Image-Turbo: 0.0
+        self.guidance = teacher_guidance(cfg)  # Z-Image-Turbo: 0.0
         self.neg = None
         if self.pipeline:
             from apexdistill.eval.pipeline import load_teacher_scheduler
             from apexdistill.models.family import get_family
 
             self.family = get_family(cfg.model.backbone)
-            self.scheduler_folder = cfg.model.path
             load_teacher_scheduler(cfg.model.path)  # fails here, not in the first batch, if the folder has none
             if self.family.uses_cfg(self.guidance):
                 self.neg = tuple(v.to(self.device) for v in self.encoder.encode_negative())
@@ -168,21 +167,9 @@ class QualityWorker:
         return teacher if teacher_only else teacher + [("student", int(n)) for n in self.cfg.eval.nfe]
 
     def _generate(self, name: str, nfe: int, z: Tensor, text: Tensor, mask: Tensor | None, seed: int) -> Tensor:
-        from apexdistill.method.sampler import sample_euler, sample_few_step
-
-        g = torch.Generator(device=self.device).manual_seed(seed)
         torch.manual_seed(seed)  # families whose pipelines re-noise from the global RNG
-        if not self.pipeline:  # the built-in digits: the teacher's Euler ODE, the student's few-step sampler
-            if name == "teacher":
-                return sample_euler(self.teacher, z, text, mask, nfe=nfe)
-            return sample_few_step(self.student, z, text, mask, nfe=nfe, generator=g)
-        if name == "teacher":
-            from apexdistill.eval.pipeline import load_teacher_scheduler
-
-            neg, neg_mask = self.neg if self.neg is not None else (None, None)
-            return self.family.sample(self.teacher, load_teacher_scheduler(self.scheduler_folder), z, text, mask, nfe,
-                                      self.guidance, neg, neg_mask, generator=g)
-        return self.family.sample_student(self.student, z, text, mask, nfe, generator=g)
+        return sample_row(self.cfg, self.teacher if name == "teacher" else self.student, z, text, mask, nfe, name == "teacher",
+                          torch.Generator(device=self.device).manual_seed(seed), self.neg)
 
     @torch.no_grad()
     def run(self, batch: Batch) -> dict[str, Any]:
@@ -235,6 +222,35 @@ class QualityWorker:
         arrays["features"] = np.stack(out["features"]).astype(np.float32)
         arrays["png"] = np.asarray(out["png"], dtype=object)
         return arrays
+
+def teacher_guidance(cfg: Any) -> float:
+    """The teacher's CFG scale as the run states it (a stated 0.0, Z-Image-Turbo's, is kept)."""
+    return float(1.0 if cfg.teacher.guidance_scale is None else cfg.teacher.guidance_scale)
+
+
+@torch.no_grad()
+def sample_row(cfg: Any, model: Any, z: Tensor, text: Tensor, mask: Tensor | None, nfe: int, teacher: bool,
+               generator: torch.Generator, negative: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+    """One row's latents as the evaluation (and the in-training score) samples them: the teacher with its pipeline's
+    own scheduler and CFG (``negative``: the negative prompt's states, needed when its guidance applies CFG), or the
+    student as the exported pipeline runs it; on the built-in digits the teacher's Euler ODE and the few-step sampler."""
+    from apexdistill.method.sampler import sample_euler, sample_few_step
+
+    if cfg.text_encoder.kind != "pipeline":
+        return sample_euler(model, z, text, mask, nfe=nfe) if teacher else sample_few_step(model, z, text, mask, nfe=nfe,
+                                                                                            generator=generator)
+    from apexdistill.models.family import get_family
+
+    family = get_family(cfg.model.backbone)
+    if not teacher:
+        return family.sample_student(model, z, text, mask, nfe, generator=generator)
+    from apexdistill.eval.pipeline import load_teacher_scheduler
+
+    guidance = teacher_guidance(cfg)
+    neg, neg_mask = negative if negative is not None and family.uses_cfg(guidance) else (None, None)
+    return family.sample(model, load_teacher_scheduler(cfg.model.path), z, text, mask, nfe, guidance, neg, neg_mask,
+                         generator=generator)
+
 
 def _now(device: torch.device) -> float:
     if device.type == "cuda":

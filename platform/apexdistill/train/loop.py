@@ -375,32 +375,17 @@ class InTrainingEval:
 
     @torch.no_grad()
     def _sample(self, model: torch.nn.Module, z: torch.Tensor, teacher: bool) -> torch.Tensor:
-        """In batches of ``eval.pipeline_batch_size``: the teacher with its scheduler and CFG, or the student at 1 NFE."""
-        from apexdistill.method.sampler import sample_euler, sample_few_step
+        """In batches of ``eval.pipeline_batch_size``: the teacher with its scheduler and CFG, or the student at 1 NFE
+        (``eval.quality.sample_row``, the full evaluation's sampling)."""
+        from apexdistill.eval.quality import sample_row
 
-        pipeline = self.cfg.text_encoder.kind == "pipeline"
         out = []
         step = self.cfg.eval.pipeline_batch_size
         for start in range(0, z.shape[0], step):
             zb = z[start:start + step].to(self.device)
             text, mask = self.text[start:start + step].to(self.device), self.mask[start:start + step].to(self.device)
             g = torch.Generator(device=self.device).manual_seed(self.cfg.eval.seed + start)
-            if pipeline:
-                from apexdistill.models.family import get_family
-
-                family = get_family(self.cfg.model.backbone)
-                if teacher:
-                    from apexdistill.eval.pipeline import load_teacher_scheduler
-
-                    neg, neg_mask = self.neg if self.neg is not None else (None, None)
-                    guidance = float(1.0 if self.cfg.teacher.guidance_scale is None else self.cfg.teacher.guidance_scale)
-                    x = family.sample(model, load_teacher_scheduler(self.cfg.model.path), zb, text, mask, self.cfg.eval.teacher_nfe,
-                                      guidance, neg if family.uses_cfg(guidance) else None, neg_mask, generator=g)
-                else:
-                    x = family.sample_student(model, zb, text, mask, 1, generator=g)
-            else:
-                x = sample_euler(model, zb, text, mask, nfe=self.cfg.eval.teacher_nfe) if teacher else \
-                    sample_few_step(model, zb, text, mask, nfe=1, generator=g)
+            x = sample_row(self.cfg, model, zb, text, mask, self.cfg.eval.teacher_nfe if teacher else 1, teacher, g, self.neg)
             out.append(x.float().cpu())
         return torch.cat(out)
 
