@@ -6,10 +6,13 @@ multi-step Euler ODE; both see the same prompts and the same fixed-seed noise.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,13 +33,26 @@ class DigitsBench:
         )
         self.text_table, self.mask_table = text_table, mask_table
 
-    def score(self, name: str, model: torch.nn.Module, nfes: list[int], sampler: str, draws: int | None = None) -> list[EvalRow]:
+    def score(self, name: str, model: torch.nn.Module, nfes: list[int], sampler: str, draws: int | None = None,
+              seed: int | None = None) -> list[EvalRow]:
         e = self.cfg.eval
         return evaluate_rows(
             name, model, self.evaluator, self.text_table, self.mask_table, nfes, sampler,
-            samples_per_class=e.samples_per_class, seed=e.seed, batch_size=e.batch_size,
+            samples_per_class=e.samples_per_class, seed=e.seed if seed is None else seed, batch_size=e.batch_size,
             channels=1, resolution=self.cfg.data.resolution, draws=draws or e.noise_draws,
         )
+
+    def reference(self, name: str, model: torch.nn.Module, nfe: int, sampler: str, draws: int) -> tuple[EvalRow, dict | None]:
+        """The teacher's multi-step reference row: the shipped one (``assets/teacher_reference.json``) when
+        its key is exactly this run's settings, with its provenance; else scored here (provenance None).
+        A shipped row's ``ms_per_image`` is the producing machine's: the caller times it on this one."""
+        entry = shipped_reference(self.cfg, self.classifier_info, nfe, sampler, draws)
+        if entry is None:
+            return self.score(name, model, [nfe], sampler, draws=draws)[0], None
+        fds, accs = entry["fd_draws"], entry["accuracy_draws"]
+        row = EvalRow(model=name, nfe=int(nfe), accuracy=sum(accs) / draws, fd=sum(fds) / draws,
+                      ms_per_image=float(entry["ms_per_image"]), fd_std=statistics.stdev(fds) if draws > 1 else None, draws=draws)
+        return row, entry["provenance"]
 
     def grid(self, models: list[tuple[str, torch.nn.Module, int, str]], path: Path, per_class: int = 1,
              timing_per_class: int | None = None, min_repeats: int = 3, min_seconds: float = 0.0) -> GridResult:
@@ -99,3 +115,43 @@ def format_table(rows: list[EvalRow], floor_fd: float | None = None) -> str:
         lines.append(f"(accuracy and FD proxy: means over {draws} noise draws{'; ' if fewer else ''}{'; '.join(fewer)}; "
                      "spread: the FD's std across them)")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the shipped reference row
+
+REFERENCE_FILE = Path(__file__).resolve().parents[1] / "assets" / "teacher_reference.json"
+REFERENCE_COMMAND = "python jobs/teacher_reference.py"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def reference_key(cfg: Config, classifier_info: dict[str, Any], nfe: int, sampler: str, draws: int) -> dict[str, Any] | None:
+    """Everything a teacher row of the digits depends on: the teacher's weights and config, the evaluator's
+    classifier, the split, the images per prompt, seed, batch, NFE, sampler and draws. None when the model
+    or the evaluator is not a shipped file (nothing fixed to ship a row for)."""
+    from apexdistill.assets import BUILTIN
+
+    if cfg.model.path not in BUILTIN or not classifier_info.get("classifier_shipped"):
+        return None
+    folder = BUILTIN[cfg.model.path] / "transformer"
+    e, d = cfg.eval, cfg.data
+    return {"teacher_sha256": _sha256(folder / "diffusion_pytorch_model.safetensors"), "teacher_config_sha256": _sha256(folder / "config.json"),
+            "classifier_sha256": _sha256(Path(classifier_info["classifier_weights_path"])),
+            "model": cfg.model.model_dump(mode="json"), "resolution": d.resolution, "test_fraction": d.test_fraction,
+            "split_seed": d.split_seed, "samples_per_class": e.samples_per_class, "seed": e.seed, "batch_size": e.batch_size,
+            "nfe": int(nfe), "sampler": sampler, "draws": int(draws)}
+
+
+def load_references(path: Path = REFERENCE_FILE) -> list[dict[str, Any]]:
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def shipped_reference(cfg: Config, classifier_info: dict[str, Any], nfe: int, sampler: str, draws: int,
+                      path: Path = REFERENCE_FILE) -> dict[str, Any] | None:
+    """The shipped entry whose key is exactly these settings, or None (then the row is scored)."""
+    key = reference_key(cfg, classifier_info, nfe, sampler, draws)
+    if key is None:
+        return None
+    return next((entry for entry in load_references(path) if entry["key"] == key), None)
