@@ -18,8 +18,8 @@ QUICK = ["train.steps=20", "train.max_minutes=null", "train.log_every=10", "eval
          "eval.noise_draws=1", "eval.teacher_noise_draws=1"]
 # measured on this project's 2-core machine (the demo's 2 DDP workers, batch 32 each): the wall time
 # printed up front is an estimate from these, the step count is what the results depend on
-SECONDS_PER_STEP = 0.22  # the recipe: 1100 steps in 4.0 min (Ray Train start-up included; its first 128 steps, filling the
-# consistency bank, cost about twice the others)
+SECONDS_PER_STEP = 0.245  # the recipe: 1100 steps in 4.5 min of fit, Ray Train start-up included (2026-12-07 08:04 UTC;
+# its first 128 steps, filling the consistency bank, cost about twice the others); the whole demo took 5.7 min
 FIXED_SECONDS = 45  # Ray start-up, preprocessing, loading the evaluator, the report
 SECONDS_PER_REFERENCE_DRAW = 28  # one noise draw of the teacher's 50 steps (1000 images)
 SECONDS_PER_DRAW = 3  # one noise draw of the 1- and 2-step rows
