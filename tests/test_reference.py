@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from apexdistill.demo import demo_config, shipped_reference_for
-from apexdistill.eval.runner import DigitsBench, load_references, shipped_reference
+from apexdistill.demo import demo_config
+from apexdistill.eval.runner import DigitsBench, load_references, shipped_reference, shipped_reference_for
 
 pytestmark = pytest.mark.timeout(300)
 

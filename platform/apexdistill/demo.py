@@ -29,20 +29,8 @@ def demo_config(workdir: str, quick: bool = False, overrides: list[str] | None =
     return load_config(DEMO_CONFIG, [f"run.workdir={workdir}", *(QUICK if quick else []), *(overrides or [])])
 
 
-def shipped_reference_for(cfg: Config) -> bool:
-    """Whether the teacher's reference row of this config is shipped (its key is the run's settings exactly).
-    Decided from the files, before the evaluator is loaded: the shipped classifier of the default split."""
-    from apexdistill.eval.classifier import cache_key
-    from apexdistill.assets import EVALUATOR
-    from apexdistill.eval.runner import shipped_reference
-
-    weights = EVALUATOR / f"{cache_key(cfg.data.resolution, cfg.data.test_fraction, cfg.data.split_seed, 0)}.safetensors"
-    info = {"classifier_shipped": weights.is_file() and not cfg.eval.feature_extractor, "classifier_weights_path": str(weights)}
-    return shipped_reference(cfg, info, cfg.eval.teacher_nfe, "euler", cfg.eval.reference_draws) is not None
-
-
 def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[str] | None = None) -> dict:
-    from apexdistill.eval.runner import DigitsBench, format_table
+    from apexdistill.eval.runner import DigitsBench, format_table, shipped_reference_for
     from apexdistill.models.build import build_backbone
     from apexdistill.data.preprocess import run_preprocess
     from apexdistill.train.data import DataShapes, digit_caption_table

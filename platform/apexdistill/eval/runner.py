@@ -155,3 +155,14 @@ def shipped_reference(cfg: Config, classifier_info: dict[str, Any], nfe: int, sa
     if key is None:
         return None
     return next((entry for entry in load_references(path) if entry["key"] == key), None)
+
+
+def shipped_reference_for(cfg: Config) -> bool:
+    """Whether this config's teacher reference row is shipped, decided from the files before the evaluator is
+    loaded (the demo's up-front estimate): the classifier is the shipped one of ``load_or_train_classifier``."""
+    from apexdistill.assets import EVALUATOR
+    from apexdistill.eval.classifier import cache_key
+
+    weights = EVALUATOR / f"{cache_key(cfg.data.resolution, cfg.data.test_fraction, cfg.data.split_seed, 0)}.safetensors"
+    info = {"classifier_shipped": weights.is_file() and not cfg.eval.feature_extractor, "classifier_weights_path": str(weights)}
+    return shipped_reference(cfg, info, cfg.eval.teacher_nfe, "euler", cfg.eval.reference_draws) is not None
