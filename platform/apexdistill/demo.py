@@ -72,9 +72,9 @@ def run_demo(workdir: str = "./apex-runs", quick: bool = False, overrides: list[
     train_minutes = (time.time() - t0) / 60
     student, _ = load_trained_backbone(result.run_dir, use_ema=cfg.eval.use_ema)
 
-    reference = f", the teacher's {cfg.eval.teacher_nfe} steps on the first {ref_draws}" if ref_draws != draws else ""
+    ref_note = f", the teacher's {cfg.eval.teacher_nfe} steps on the first {ref_draws}" if ref_draws != draws else ""
     print(f"[demo] 4/5 evaluating (same prompts and noise for every row; {draws} noise draw{'s' * (draws > 1)} of "
-          f"{10 * cfg.eval.samples_per_class} images{reference})", flush=True)
+          f"{10 * cfg.eval.samples_per_class} images{ref_note})", flush=True)
     reference, provenance = bench.reference("teacher", teacher, cfg.eval.teacher_nfe, "euler", ref_draws)
     if provenance is not None:
         print(f"[demo]     teacher at {cfg.eval.teacher_nfe} steps: the shipped reference row ({ref_draws} draws, scored "
