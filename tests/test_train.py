@@ -184,3 +184,60 @@ def test_reference_weights_are_the_frozen_base_under_lora_and_the_ema_without():
             raise AssertionError("no reference weights without LoRA or EMA")
     except ValueError as exc:
         assert "ema_decay" in str(exc)
+
+
+def test_ctrl_c_then_the_printed_command_resumes_into_the_same_mlflow_run(tmp_path, shared_cache, capsys):
+    """`apexdistill train` (the real console script, local mode) stopped with SIGINT after its step-10 checkpoint:
+    it says it was interrupted, where the last good checkpoint is and the command that resumes it; that command
+    (here with a shorter train.steps, run in-process) says it resumes, from which step and into which MLflow run,
+    and finishes into that same run."""
+    import os
+    import shlex
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from apexdistill.cli import main
+
+    exe = shutil.which("apexdistill")
+    config = tmp_path / "stopped.yaml"
+    config.write_text("run:\n  name: stopped\nobjective:\n  name: fm\n")
+    args = ["train", "-c", str(config), "--workdir", str(tmp_path), f"data.cache_uri={shared_cache}", *TINY, "train.steps=400", "train.checkpoint_every=10", "train.log_every=1"]
+    proc = subprocess.Popen([*([exe] if exe else [sys.executable, "-m", "apexdistill.cli"]), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("[train] step 12/400"):
+                proc.send_signal(signal.SIGINT)
+                break
+        lines += proc.communicate(timeout=120)[0].splitlines()
+    finally:
+        proc.kill()
+    said = "\n".join(lines)
+    assert proc.returncode != 0, said
+    stopped = [line for line in lines if line.startswith("[train] interrupted; the last good checkpoint is step ")]
+    assert len(stopped) == 1, said
+    step = int(stopped[0].split("checkpoint is step ")[1].split()[0])
+    assert 10 <= step < 400
+    run_id = stopped[0].split("MLflow run ")[1].split(";")[0]
+    command = shlex.split(stopped[0].split("resume with: ")[1])
+    assert command[0] == "apexdistill" and command[1:] == args, command
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "KILLED"
+
+    capsys.readouterr()
+    assert main([*command[1:], f"train.steps={step + 3}"]) == 0
+    out = capsys.readouterr().out
+    assert f"[train] resuming run 'stopped' from its step-{step} checkpoint" in out and f"into MLflow run {run_id}" in out, out
+    assert f"[train] done: {step + 3} steps" in out
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "FINISHED"
+    # the steps replayed from the checkpoint (logged before the interrupt, with the same values: resume is exact) are
+    # not logged twice
+    logged = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run_id, "loss")]
+    assert len(logged) == len(set(logged)) and set(range(1, step + 4)) <= set(logged), logged

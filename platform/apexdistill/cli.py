@@ -25,11 +25,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from apexdistill.config import dump_yaml, load_config
-    from apexdistill.train.driver import run_training
+    from apexdistill.config import dump_yaml, load_config, summary
+    from apexdistill.console import verbose
+    from apexdistill.train.driver import run_dir, run_training
 
     cfg = load_config(args.config, _common_overrides(args))
-    print(dump_yaml(cfg), flush=True)
+    if verbose():
+        print(dump_yaml(cfg), flush=True)
+    print("\n".join(summary(cfg)), flush=True)
+    print(f"[train] full resolved config: {run_dir(cfg) / 'config.yaml'} and the MLflow run (--verbose prints it)", flush=True)
     result = run_training(cfg, address=args.address)
     print(f"[train] checkpoint: {result.checkpoint_uri}")
     return 0
@@ -431,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from apexdistill.console import quiet_environment, set_verbose
+    from apexdistill.console import quiet_environment, set_command, set_verbose
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -450,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     set_verbose(bool(getattr(args, "verbose", False)))
+    set_command(list(argv) if argv is not None else sys.argv[1:])
     quiet_environment()
     try:
         return int(args.fn(args) or 0)

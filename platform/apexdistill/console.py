@@ -28,7 +28,22 @@ PROGRESS_FILE = "progress.log"
 NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow", "alembic", "urllib3", "filelock",
                  "transformers", "diffusers", "huggingface_hub", "httpx", "py.warnings", "torch.distributed", "DeepSpeed",
                  "deepspeed", "optuna", "numexpr")
-_state: dict[str, Any] = {"file": None, "handler": None, "showwarning": None}
+_state: dict[str, Any] = {"file": None, "handler": None, "showwarning": None, "command": None}
+
+
+def set_command(argv: list[str]) -> None:
+    """The command line this process runs (the CLI records it): what a stopped run says to type to resume."""
+    _state["command"] = list(argv)
+
+
+def resume_command(config_file: str | Path) -> str:
+    """The exact command that resumes a stopped run: the one that started it, when this process is the CLI;
+    else ``apexdistill train -c`` its run folder's resolved config (same ``run.name``, so it resumes)."""
+    import shlex
+
+    if _state["command"] and _state["command"][0] == "train":
+        return shlex.join(["apexdistill", *_state["command"]])
+    return shlex.join(["apexdistill", "train", "-c", str(config_file)])
 
 
 def verbose() -> bool:
@@ -100,6 +115,7 @@ def route_logs(folder: str | Path, announce: bool = True) -> Path | None:
         if handler not in logger.handlers:
             logger.addHandler(handler)
         logger.propagate = False
+    _route_raylet_lines()
     if _state["showwarning"] is None:
         _state["showwarning"] = warnings.showwarning
         warnings.showwarning = _showwarning
@@ -111,6 +127,26 @@ def route_logs(folder: str | Path, announce: bool = True) -> Path | None:
         except Exception:  # noqa: BLE001 - not installed or another version: nothing to quiet
             pass
     return path
+
+
+def _route_raylet_lines() -> None:
+    """Ray's driver prints the cluster's error messages (a worker died, an actor's restart) from a thread of its
+    own, in its log format and whatever ``log_to_driver`` says: in quiet mode they go to the log file, and our
+    own lines tell the event (``train/faults.py``)."""
+    worker = sys.modules.get("ray._private.worker")
+    if worker is None or getattr(worker.print_to_stdstream, "_apexdistill", False):
+        return
+    printer = worker.print_to_stdstream
+
+    def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet" and not verbose():
+            for line in data.get("lines") or []:
+                logging.getLogger("ray").warning("raylet: %s", line)
+            return
+        printer(data, ignore_prefix)
+
+    print_to_stdstream._apexdistill = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = print_to_stdstream
 
 
 def log_file() -> Path | None:

@@ -205,6 +205,11 @@ class RunLogger:
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
+    def last_step(self) -> int:
+        """The highest training step this run has logged (its ``step`` metric), 0 for none."""
+        value = self.client.get_run(self.run_id).data.metrics.get("step")
+        return int(value) if value is not None else 0
+
     def log_image(self, image: Any, key: str, step: int) -> None:
         self.client.log_image(self.run_id, image, key=key, step=step)
 

@@ -65,7 +65,8 @@ def clear_run(cfg: Config) -> None:
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # a local Ray that this process starts (not a cluster it joins): see ensure_ray
-LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# (and the controller polls its workers every 0.5 s, not 2: a checkpoint's report and the end of a fit wait for a poll)
+LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 # quiet mode: no loading bars or info chatter in the workers' own logs either
 QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
                     "TQDM_DISABLE": "1", "MLFLOW_LOGGING_LEVEL": "WARNING", "RAY_AIR_NEW_OUTPUT": "0"}
@@ -135,7 +136,8 @@ def connect(cfg: Config, address: str | None = None) -> None:
     from apexdistill.cluster import check_cluster, check_multinode, is_remote_address
     from apexdistill.tracking import resolve_uri
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # joined before (a sweep's trial, a notebook): this run's log file all the same
+        ensure_ray(address, log_dir(cfg))
         return
     uri = resolve_uri(cfg) if cfg.tracking.enabled else None
     address = address or os.environ.get("RAY_ADDRESS")
@@ -359,6 +361,35 @@ def _close_failed(handle: Any, exc: BaseException) -> None:
         close_run(handle, "FAILED")
 
 
+def last_good_checkpoint(out: Path, storage: Any = None) -> tuple[int, str] | None:
+    """The step and place of a run's newest complete checkpoint (the run folder, or ``run.storage_uri``), or None."""
+    from apexdistill.train.loop import latest_checkpoint
+
+    if storage is not None:
+        folder = storage.latest()
+        return (int(folder.rstrip("/").rsplit("_", 1)[-1]), storage.to_uri(folder)) if folder else None
+    local = latest_checkpoint(out)
+    return (int(local.name.rsplit("_", 1)[-1]), str(local)) if local is not None else None
+
+
+def stopped_line(cfg: Config, out: Path, storage: Any, handle: Any, exc: BaseException) -> str:
+    """What a person reads when a fit stops: interrupted or failed, the last good checkpoint, and how to resume."""
+    from apexdistill.console import resume_command
+
+    try:
+        last = last_good_checkpoint(out, storage)
+    except Exception:  # noqa: BLE001 - storage gone too: the line still says what happened
+        last = None
+    where = f"the last good checkpoint is step {last[0]} ({last[1]})" if last else "no checkpoint was written yet"
+    mlflow = f", MLflow run {handle.run_id}" if handle is not None else ""
+    again = f"resume with: {resume_command(out / 'config.yaml')}" if last else f"run again: {resume_command(out / 'config.yaml')}"
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return f"[train] interrupted; {where}{mlflow}; {again}"
+    from apexdistill.train.faults import fault_reason
+
+    return f"[train] failed ({fault_reason(exc)}); {where}{mlflow}; {again}"
+
+
 def run_training(cfg: Config, address: str | None = None, evaluate: bool | None = None, parent_run_id: str | None = None,
                  train_callbacks: list[Any] | None = None, run_tags: dict[str, str] | None = None,
                  tune_trial: bool = False) -> TrainResult:
@@ -375,6 +406,7 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     from apexdistill.data.preprocess import read_cache, read_cache_tables, run_preprocess
     from apexdistill.tracking import RUN_FILE, RunLogger, close_run, open_run, redact_uri
     from apexdistill.train.data import DataShapes, LocalRows, row_bytes
+    from apexdistill.train.faults import FaultReporter, clear_failure_record
     from apexdistill.train.loop import latest_checkpoint, train_loop_per_worker
     from apexdistill.train.storage import RunStorage
 
@@ -413,6 +445,10 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
             storage.put_file(out / RUN_FILE, RUN_FILE)
         verb = "resuming" if handle.resumed else "logging to"
         print(f"[train] MLflow: {verb} run {handle.run_id} in experiment '{cfg.tracking.experiment}' ({redact_uri(handle.uri)})", flush=True)
+    resume_from = last_good_checkpoint(out, storage)
+    if resume_from is not None:
+        into = f" into MLflow run {handle.run_id}" if handle is not None else ""
+        print(f"[train] resuming run '{cfg.run.name}' from its step-{resume_from[0]} checkpoint ({resume_from[1]}){into}", flush=True)
     logger = RunLogger.from_handle(handle)
     if logger is not None:
         logger.log_dict(conditioning, CONDITIONING_FILE)
@@ -436,6 +472,7 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
         "negative": negative_embedding(cache.uri), "conditioning": conditioning,
         # quiet mode: Ray forwards no worker output; rank 0 appends its progress here and we print it
         "progress_file": str(out / PROGRESS_FILE) if loop_progress else None,
+        "report_progress": tune_trial,  # Tune's schedulers may rank by any logged metric
     }
     in_trial = tune_trial and workers == 0
     datasets: dict[str, Any] | None
@@ -458,9 +495,10 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
             storage_filesystem=storage.fs if storage else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=train_callbacks or None,
+            callbacks=[*(train_callbacks or []), FaultReporter(out, loop_config["progress_file"], cfg.train.max_failures)],
         ),
     )
+    clear_failure_record(out)
     started = time.time()
     try:
         with ProgressRelay(out) if loop_progress else contextlib.nullcontext():
@@ -477,6 +515,8 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
                 reported, last_checkpoint = result.metrics, result.checkpoint
     except BaseException as exc:
         _close_failed(handle, exc)
+        if not tune_trial:  # a sweep reports its trials itself
+            print(stopped_line(cfg, out, storage, handle, exc), flush=True)
         raise
     if last_checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")

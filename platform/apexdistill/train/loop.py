@@ -35,6 +35,7 @@ from apexdistill.config import Config
 from apexdistill.method.base import build_objective
 from apexdistill.models.build import build_backbone
 from apexdistill.train.data import DataShapes, shard_batches
+from apexdistill.train.faults import restart_line
 from apexdistill.train.session import RayTrainSession
 from apexdistill.train.storage import RunStorage, publish_remote, write_pointer
 from apexdistill.train.strategy import Strategy, barrier, build_strategy, distributed
@@ -542,6 +543,8 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: Any = None) -> N
     from apexdistill.tracking import RunLogger
 
     logger = RunLogger.from_handle(loop_config.get("tracking")) if rank == 0 else None
+    # steps an earlier fit or worker group already logged are replayed from a checkpoint, not logged twice
+    logged_through = logger.last_step() if logger is not None else 0
     sampler = SampleLogger(cfg, loop_config, device, logger, shapes.channels, shapes.resolution)
     scorer = InTrainingEval(cfg, loop_config, device, run_dir, shapes.channels, shapes.resolution)
 
@@ -558,7 +561,8 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: Any = None) -> N
         strategy.after_load()
         step, trained_seconds = int(state["step"]), float(state.get("trained_seconds", 0.0))
         batches.resume_at(step, batch_rng)
-        _log(rank, f"[train] resumed at step {step} from {where}")
+        restarted = restart_line(run_dir, step, where) if rank == 0 else None
+        _log(rank, restarted or f"[train] resumed at step {step} from {where}")
     scorer.prepare(strategy, resumed=resume is not None, rank=rank)
 
     n_train = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
@@ -619,14 +623,17 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: Any = None) -> N
             terms = " ".join(f"{k[5:]}={v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
             _log(rank, f"[train] step {step}/{cfg.train.steps} loss={metrics['loss']:.4f} {terms} "
                  f"| {metrics['samples_per_s']:.0f} samples/s | ETA {_fmt_eta(eta)}")
-            if logger is not None:
+            if logger is not None and step > logged_through:
                 logger.log_metrics(metrics, step)
             window_start, window_steps = time.time(), 0
         if cfg.tracking.sample_every and step % cfg.tracking.sample_every == 0 and not last:
             sampler(strategy.backbone, step)
         if periodic:  # every rank reports, rank 0 attaches the checkpoint
             session.report({**metrics, "step": step}, checkpoint=checkpoint(final=False))
-        elif logged and not last:
+        elif (scored or logged and loop_config.get("report_progress")) and not last:
+            # Ray Train's controller takes one report per poll (every 2 s) and the worker waits for it: a plain run
+            # reports its checkpoints and scores only (rank 0 logs every step to MLflow itself); a sweep trial
+            # reports every logged step too, since its metric may be any of them
             session.report({**metrics, "step": step})
         if last:
             break

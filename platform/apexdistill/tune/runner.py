@@ -185,6 +185,9 @@ def sweep_progress(sweep: SweepConfig) -> Any:
             score = f", {sweep.metric}={last[sweep.metric]:.2f}" if sweep.metric in last else ""
             print(f"[sweep] {how} {trial.trial_id}{score} ({self.done}/{len(trials)} trials done)", flush=True)
 
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(f"[sweep] {trial.trial_id} failed ({trial_error_line(trial)}); retrying it from its last checkpoint", flush=True)
+
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
             print(f"[sweep] FAILED {trial.trial_id}: {trial_error_line(trial)} (traceback: {trial.local_path or 'its trial folder'})",
