@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -230,6 +233,66 @@ def test_incomplete_folders_are_never_hits_and_are_cleaned(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Ray pipeline
+
+
+def _kill_encoder_when_it_works(probe, before: int) -> threading.Thread:
+    """SIGKILL the text-encoder actor's process (a child of this process's raylet, found by its process title)
+    once it has been constructed (the probe counts constructions) and is encoding."""
+    import psutil
+    import ray
+
+    def run() -> None:
+        deadline = time.time() + RAY_TIMEOUT
+        while time.time() < deadline:
+            if sum(ray.get(probe.get.remote()).values()) > before:
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        if "TextEncodeStage" in " ".join(proc.cmdline()):
+                            proc.send_signal(signal.SIGKILL)
+                            killed.append(proc.pid)
+                            return
+                    except psutil.Error:
+                        continue
+            time.sleep(0.05)
+
+    killed: list[int] = []
+    thread = threading.Thread(target=run, daemon=True)
+    thread.killed = killed  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_a_killed_encoder_actor_is_told_and_fails_clean_or_is_restarted(tmp_path, ray_local, capfd):
+    """The encoder actor's process SIGKILLed mid-build. With data.actor_max_restarts=0 (the default) the console says
+    which process died, the build raises a clear error and publishes nothing; with 1, Ray Data restarts the actor and
+    the cache has every row once. Ray's own report goes to the log file."""
+    from apexdistill.console import route_logs
+    from apexdistill.data.digits import load_digits_split
+
+    route_logs(tmp_path / "logs")
+    for restarts in (0, 1):
+        cfg = _cfg(tmp_path, "data.batch_size=32", f"data.actor_max_restarts={restarts}", f"data.cache_uri={tmp_path / f'c{restarts}'}")
+        capfd.readouterr()
+        killer = _kill_encoder_when_it_works(ray_local, _constructed(ray_local))
+        if restarts == 0:
+            with pytest.raises(PreprocessError, match="an encoder actor died and data.actor_max_restarts=0: the build published nothing"):
+                run_preprocess(cfg)
+            assert not list((tmp_path / "c0").rglob("manifest.json"))
+        else:
+            info = run_preprocess(cfg)
+            split = load_digits_split("train", 16, cfg.data.test_fraction, cfg.data.split_seed)
+            cached = load_cache_tensors(info.uri)
+            assert info.rows == len(split.labels)
+            assert sorted(cached["label"].tolist()) == sorted(split.labels.tolist())  # every row once
+            torch.testing.assert_close(cached["x"].sum(), split.images.sum())
+        killer.join(timeout=5)
+        console = capfd.readouterr()
+        assert killer.killed, "the build ended before its encoder was killed"
+        then = "the build stops and publishes nothing" if restarts == 0 else "Ray Data restarts it and retries its rows"
+        assert f"[preprocess] a worker process of the build (pid {killer.killed[0]}) died (SYSTEM_ERROR" in console.out, console.out
+        assert then in console.out and "A worker died" not in console.out + console.err
+    assert "A worker died" in (tmp_path / "logs" / "apexdistill.log").read_text()
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)

@@ -13,13 +13,15 @@ rank 0 appends its progress lines to ``<run>/progress.log`` and the driver print
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 LOG_ENV = "APEXDISTILL_LOG"
 LOG_FILE = "apexdistill.log"
@@ -129,6 +131,22 @@ def route_logs(folder: str | Path, announce: bool = True) -> Path | None:
     return path
 
 
+#: Ray's report of a dead worker process: its pid and exit type
+WORKER_DIED = re.compile(r"Worker PID: (\d+) Worker exit type: (\w+)")
+_death_listeners: list[Any] = []
+
+
+@contextlib.contextmanager
+def on_worker_death(listener: Any) -> Iterator[None]:
+    """While the block runs, ``listener(pid, exit_type)`` is called when Ray reports that one of this job's worker
+    processes died (a killed or out-of-memory Ray Data actor, say): the stage says it in its own words."""
+    _death_listeners.append(listener)
+    try:
+        yield
+    finally:
+        _death_listeners.remove(listener)
+
+
 def _route_raylet_lines() -> None:
     """Ray's driver prints the cluster's error messages (a worker died, an actor's restart) from a thread of its
     own, in its log format and whatever ``log_to_driver`` says: in quiet mode they go to the log file, and our
@@ -142,6 +160,10 @@ def _route_raylet_lines() -> None:
         if data.get("pid") == "raylet" and not verbose():
             for line in data.get("lines") or []:
                 logging.getLogger("ray").warning("raylet: %s", line)
+                death = WORKER_DIED.search(line) if "A worker died or was killed" in line else None
+                for listener in list(_death_listeners):
+                    if death:
+                        listener(int(death.group(1)), death.group(2))
             return
         printer(data, ignore_prefix)
 

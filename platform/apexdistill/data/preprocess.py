@@ -33,6 +33,7 @@ import numpy as np
 import ray
 
 from apexdistill.config import Config
+from apexdistill.console import on_worker_death
 from apexdistill.data.buckets import bucket_table, nearest_bucket
 from apexdistill.data.cache import DATA, NEGATIVE, REJECTS, CacheSpec, CacheStore, build_manifest, cache_spec, default_cache_uri, read_complete_manifest
 from apexdistill.data.sources import SourcePlan, arrow_fs, build_source, open_fs, read_parquet_fragment, reject, worker_visible
@@ -439,6 +440,28 @@ def build_dataset(cfg: Config, spec: CacheSpec, plan: SourcePlan, stats: Any, ba
     return ds
 
 
+def _actor_death_line(cfg: Config) -> Callable[[int, str], None]:
+    """What the console says when one of the build's Ray processes dies (an encoder actor killed, out of memory)."""
+    restarts = cfg.data.actor_max_restarts
+
+    def say(pid: int, exit_type: str) -> None:
+        then = ("Ray Data restarts it and retries its rows" + (f" (data.actor_max_restarts={restarts})" if restarts > 0 else "")
+                if restarts else "the build stops and publishes nothing (data.actor_max_restarts=0)")
+        print(f"[preprocess] a worker process of the build (pid {pid}) died ({exit_type}: killed, out of memory, or its node "
+              f"was lost); {then}", flush=True)
+
+    return say
+
+
+def _actor_died(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _progress_line(stats: Any, total: int, interval: float = 5.0) -> Any:
     """A steady line while the Ray Data job runs: rows encoded, rows/s and ETA, every ``interval`` s."""
     from apexdistill.console import Periodic
@@ -616,7 +639,7 @@ def run_preprocess(cfg: Config, force: bool = False, *, on_written: Callable[[st
     stats = _BuildStats.remote()
     tmp = store.new_tmp(spec.key)
     try:
-        with _progress_line(stats, len(plan.rows)):
+        with _progress_line(stats, len(plan.rows)), on_worker_death(_actor_death_line(cfg)):
             _write(build_dataset(cfg, spec, plan, stats, base=getattr(source, "base", "")), store, tmp, cfg.data.decode_cpus)
         summary = ray.get(stats.summary.remote())
         rejects = sorted(plan.rejects + summary["rejects"], key=lambda r: r["row_id"])
@@ -651,8 +674,11 @@ def run_preprocess(cfg: Config, force: bool = False, *, on_written: Callable[[st
         if spec.buckets is not None:
             manifest["buckets"] = bucket_table(spec.buckets, spec.bucket_x_shapes, bucket_rows)
         store.publish(tmp, spec.key, manifest)
-    except BaseException:
+    except BaseException as exc:
         store.discard(tmp)
+        if _actor_died(exc):  # its own line said which process and why (_actor_death_line)
+            raise PreprocessError(f"an encoder actor died and data.actor_max_restarts={cfg.data.actor_max_restarts}: the build "
+                                  f"published nothing; run it again to rebuild, or set data.actor_max_restarts to restart a lost actor") from exc
         raise
     finally:
         ray.kill(stats)
