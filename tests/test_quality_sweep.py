@@ -98,12 +98,15 @@ def test_a_metric_the_runs_cannot_report_is_refused_before_any_trial(sana, workd
 
 
 def test_a_failing_trial_shows_its_error_on_the_console_and_in_mlflow(sana, workdir, tmp_path, capsys):
-    """A learning rate that sends the loss to inf: the trial raises FloatingPointError in its first steps."""
+    """A learning rate that sends the loss to inf: the trial raises FloatingPointError in its first steps; retried
+    once (max_failures: 1), it fails the same way, and the console says both."""
     cfg = build_config(_pipeline_base(workdir, sana).model_dump(mode="json"), ["train.grad_clip=0", "tracking.experiment=failing-trials"])
-    path = _sweep_file(tmp_path, "diverges", "eval/fd_teacher_1nfe", {"train.lr": {"grid": [1e30]}})
+    path = _sweep_file(tmp_path, "diverges", "eval/fd_teacher_1nfe", {"train.lr": {"grid": [1e30]}}, max_failures=1)
     rows = run_sweep(cfg, load_sweep(path, cfg.model_dump(mode="json")), path.read_text())
     printed = capsys.readouterr().out
     assert rows[0].status == "error"
+    retry = [line for line in printed.splitlines() if line.startswith("[sweep] ") and "retry 1 of max_failures=1" in line]
+    assert len(retry) == 1 and "FloatingPointError: non-finite loss at step" in retry[0], printed
     line = next(line for line in printed.splitlines() if "[sweep] FAILED" in line)
     assert "FloatingPointError: non-finite loss at step" in line
     client, children = _children(workdir, "failing-trials", "diverges")

@@ -166,6 +166,7 @@ def sweep_progress(sweep: SweepConfig) -> Any:
     class SweepProgress(tune.Callback):
         def __init__(self) -> None:
             self.done = 0
+            self.retries: dict[str, int] = {}
 
         def _name(self, trial: Any) -> str:
             params = ", ".join(f"{k}={(trial.config or {}).get(k)}" for k in sweep.space)
@@ -186,7 +187,9 @@ def sweep_progress(sweep: SweepConfig) -> Any:
             print(f"[sweep] {how} {trial.trial_id}{score} ({self.done}/{len(trials)} trials done)", flush=True)
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            print(f"[sweep] {trial.trial_id} failed ({trial_error_line(trial)}); retrying it from its last checkpoint", flush=True)
+            self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
+            print(f"[sweep] {trial.trial_id} failed ({trial_error_line(trial)}); retry {self.retries[trial.trial_id]} of "
+                  f"max_failures={sweep.max_failures}, from its last checkpoint", flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
@@ -280,6 +283,7 @@ def run_sweep(cfg: Config, sweep: SweepConfig, sweep_text: str = "", address: st
                                         # a second model on the device is worth more than seconds of start-up
                                         reuse_actors=sweep.resources.workers == 0 and not sweep.resources.use_gpu),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1 if verbose() else 0,
+                                      failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                       callbacks=None if verbose() else [sweep_progress(sweep)]),
         )
     results = tuner.fit()

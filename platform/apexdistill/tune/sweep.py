@@ -78,6 +78,8 @@ class SweepConfig(_Strict):
         "the base config's recipe, so the search is measured against it in the same sweep; they count in num_samples")
     scheduler: Scheduler | None = None
     max_concurrent: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0, description="times Tune retries a failed trial (it resumes from its last checkpoint "
+                                                 "into the same MLflow child run); the console says each retry")
     resources: Resources = Field(default_factory=Resources)
     eval_every: int = Field(0, ge=0, description="eval.every of every trial (needed by ASHA)")
 
