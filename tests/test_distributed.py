@@ -212,3 +212,25 @@ def test_workers_that_starve_data_reads_are_refused(tmp_path, shared_cache):
     with pytest.raises(ValueError, match=r"train.cpus_per_worker=.*leaves 0.5 of the cluster's .* wait forever"):
         run_training(cfg)
 
+
+
+def test_a_run_that_gives_up_says_so(tmp_path):
+    """The failure line once train.max_failures is spent, from Ray's own error of a dead worker process and a worker's
+    exception beside it (Train's controller calls the callback with these), and the record a restart would read."""
+    from ray.exceptions import ActorDiedError
+
+    from apexdistill.train.faults import FAILURE_FILE, FaultReporter, restart_line
+
+    progress = tmp_path / "progress.log"
+    reporter = FaultReporter(tmp_path, str(progress), max_failures=1)
+    died = ActorDiedError()
+    died.args = ("The actor died unexpectedly before finishing this task.\n\tpid: 4242\nWorker exit type: SYSTEM_ERROR",)
+    for _ in range(2):
+        reporter.after_exception(None, {1: RuntimeError("Connection closed by peer [127.0.0.1]:1234"), 0: died})
+    first, second = progress.read_text().splitlines()
+    assert "retry 1 of train.max_failures=1" in first
+    assert second.startswith("[train] worker failure: rank 0: ") and "giving up: train.max_failures=1 retries used" in second
+    assert "(rank 1 lost the connection to it)" in second
+    assert json.loads((tmp_path / FAILURE_FILE).read_text())["failure"] == 2
+    assert restart_line(tmp_path, 10, "ckpt").startswith("[train] restarted after failure 2: the new worker group took ")
+    assert restart_line(tmp_path, 10, "ckpt") is None  # read once

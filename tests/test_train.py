@@ -220,6 +220,10 @@ def test_ctrl_c_then_the_printed_command_resumes_into_the_same_mlflow_run(tmp_pa
         proc.kill()
     said = "\n".join(lines)
     assert proc.returncode != 0, said
+    # a short config summary, not the resolved YAML (that is in the run folder, and printed with --verbose)
+    assert lines[0].startswith("[train] sana (tiny preset, random init), objective fm, in-process, 400 steps of batch 16"), said
+    assert "[train] full resolved config: " in said and not any(line.startswith(("objective:", "train:", "  steps:")) for line in lines)
+    assert (tmp_path / "runs" / "stopped" / "config.yaml").is_file()
     stopped = [line for line in lines if line.startswith("[train] interrupted; the last good checkpoint is step ")]
     assert len(stopped) == 1, said
     step = int(stopped[0].split("checkpoint is step ")[1].split()[0])

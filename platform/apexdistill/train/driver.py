@@ -382,7 +382,7 @@ def stopped_line(cfg: Config, out: Path, storage: Any, handle: Any, exc: BaseExc
         last = None
     where = f"the last good checkpoint is step {last[0]} ({last[1]})" if last else "no checkpoint was written yet"
     mlflow = f", MLflow run {handle.run_id}" if handle is not None else ""
-    again = f"resume with: {resume_command(out / 'config.yaml')}" if last else f"run again: {resume_command(out / 'config.yaml')}"
+    again = f"{'resume with' if last else 'run again'}: {resume_command(out / 'config.yaml')}"
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         return f"[train] interrupted; {where}{mlflow}; {again}"
     from apexdistill.train.faults import fault_reason
@@ -443,11 +443,12 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
                           parent_run_id=parent_run_id)
         if storage is not None:
             storage.put_file(out / RUN_FILE, RUN_FILE)
+    resume_from = last_good_checkpoint(out, storage)
+    if handle is not None and not (handle.resumed and resume_from):  # else the resume line below names the run
         verb = "resuming" if handle.resumed else "logging to"
         print(f"[train] MLflow: {verb} run {handle.run_id} in experiment '{cfg.tracking.experiment}' ({redact_uri(handle.uri)})", flush=True)
-    resume_from = last_good_checkpoint(out, storage)
     if resume_from is not None:
-        into = f" into MLflow run {handle.run_id}" if handle is not None else ""
+        into = f" into MLflow run {handle.run_id} in experiment '{cfg.tracking.experiment}' ({redact_uri(handle.uri)})" if handle else ""
         print(f"[train] resuming run '{cfg.run.name}' from its step-{resume_from[0]} checkpoint ({resume_from[1]}){into}", flush=True)
     logger = RunLogger.from_handle(handle)
     if logger is not None:
