@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from apexdistill.config import ConfigError
 from apexdistill.tracking import TrackingError
@@ -24,15 +25,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_summary(cfg: Any) -> list[str]:
+    """``apexdistill train``'s config in two console lines: what runs, on what, where it is logged. The full
+    resolved config goes to the run folder and the MLflow run (``--verbose`` prints it too)."""
+    from apexdistill.data.cache import default_cache_uri
+
+    m, t, o = cfg.model, cfg.train, cfg.objective
+    source = f"from {m.path}" if m.path else f"{m.preset} preset, random init"
+    workers = f"{t.strategy} x {t.num_workers} worker(s)" if t.num_workers else "in-process"
+    cache = default_cache_uri(cfg)
+    mlflow = f"MLflow experiment '{cfg.tracking.experiment}'" if cfg.tracking.enabled else "MLflow off"
+    return [f"[train] {m.backbone} ({source}), objective {o.name}, {workers}, {t.steps} steps of batch {t.batch_size}",
+            f"[train] data {cfg.data.source} -> cache {cache}; run '{cfg.run.name}' in {cfg.run.workdir}; {mlflow}"]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from apexdistill.config import dump_yaml, load_config, summary
+    from apexdistill.config import dump_yaml, load_config
     from apexdistill.console import verbose
     from apexdistill.train.driver import run_dir, run_training
 
     cfg = load_config(args.config, _common_overrides(args))
     if verbose():
         print(dump_yaml(cfg), flush=True)
-    print("\n".join(summary(cfg)), flush=True)
+    print("\n".join(config_summary(cfg)), flush=True)
     print(f"[train] full resolved config: {run_dir(cfg) / 'config.yaml'} and the MLflow run (--verbose prints it)", flush=True)
     result = run_training(cfg, address=args.address)
     print(f"[train] checkpoint: {result.checkpoint_uri}")

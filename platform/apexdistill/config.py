@@ -665,18 +665,6 @@ def flatten(cfg: Config | dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def summary(cfg: Config) -> list[str]:
-    """The config in a few console lines: what runs, on what, where it is logged. The full resolved config goes
-    to the run folder and the MLflow run (``--verbose`` prints it too)."""
-    m, t, o = cfg.model, cfg.train, cfg.objective
-    source = f"from {m.path}" if m.path else f"{m.preset} preset, random init"
-    workers = f"{t.strategy} x {t.num_workers} worker(s)" if t.num_workers else "in-process"
-    cache = cfg.data.cache_uri or f"{Path(cfg.run.workdir) / 'cache'}"
-    mlflow = f"MLflow experiment '{cfg.tracking.experiment}'" if cfg.tracking.enabled else "MLflow off"
-    return [f"[train] {m.backbone} ({source}), objective {o.name}, {workers}, {t.steps} steps of batch {t.batch_size}",
-            f"[train] data {cfg.data.source} -> cache {cache}; run '{cfg.run.name}' in {cfg.run.workdir}; {mlflow}"]
-
-
 def dump_yaml(cfg: Config, path: str | Path | None = None) -> str:
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     if path is not None:
