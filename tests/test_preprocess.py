@@ -290,7 +290,7 @@ def test_a_killed_encoder_actor_is_told_and_fails_clean_or_is_restarted(tmp_path
         console = capfd.readouterr()
         assert killer.killed, "the build ended before its encoder was killed"
         then = "the build stops and publishes nothing" if restarts == 0 else "Ray Data restarts it and retries its rows"
-        assert f"[preprocess] a worker process of the build (pid {killer.killed[0]}) died (SYSTEM_ERROR" in console.out, console.out
+        assert f"[preprocess] a worker of the build died: its process (pid {killer.killed[0]}) died (SYSTEM_ERROR" in console.out, console.out
         assert then in console.out and "A worker died" not in console.out + console.err
     assert "A worker died" in (tmp_path / "logs" / "apexdistill.log").read_text()
 

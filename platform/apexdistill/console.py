@@ -133,6 +133,11 @@ def route_logs(folder: str | Path, announce: bool = True) -> Path | None:
 
 #: Ray's report of a dead worker process: its pid and exit type
 WORKER_DIED = re.compile(r"Worker PID: (\d+) Worker exit type: (\w+)")
+
+
+def process_died(pid: int | str | None, exit_type: str) -> str:
+    """How our lines say that a Ray process died (a worker, an actor): its pid and Ray's exit type."""
+    return f"its process{f' (pid {pid})' if pid else ''} died ({exit_type}: killed, out of memory, or its node was lost)"
 _death_listeners: list[Any] = []
 
 
@@ -161,9 +166,8 @@ def _route_raylet_lines() -> None:
             for line in data.get("lines") or []:
                 logging.getLogger("ray").warning("raylet: %s", line)
                 death = WORKER_DIED.search(line) if "A worker died or was killed" in line else None
-                for listener in list(_death_listeners):
-                    if death:
-                        listener(int(death.group(1)), death.group(2))
+                for listener in list(_death_listeners) if death else []:
+                    listener(int(death.group(1)), death.group(2))
             return
         printer(data, ignore_prefix)
 

@@ -33,7 +33,7 @@ import numpy as np
 import ray
 
 from apexdistill.config import Config
-from apexdistill.console import on_worker_death
+from apexdistill.console import on_worker_death, process_died
 from apexdistill.data.buckets import bucket_table, nearest_bucket
 from apexdistill.data.cache import DATA, NEGATIVE, REJECTS, CacheSpec, CacheStore, build_manifest, cache_spec, default_cache_uri, read_complete_manifest
 from apexdistill.data.sources import SourcePlan, arrow_fs, build_source, open_fs, read_parquet_fragment, reject, worker_visible
@@ -447,8 +447,7 @@ def _actor_death_line(cfg: Config) -> Callable[[int, str], None]:
     def say(pid: int, exit_type: str) -> None:
         then = ("Ray Data restarts it and retries its rows" + (f" (data.actor_max_restarts={restarts})" if restarts > 0 else "")
                 if restarts else "the build stops and publishes nothing (data.actor_max_restarts=0)")
-        print(f"[preprocess] a worker process of the build (pid {pid}) died ({exit_type}: killed, out of memory, or its node "
-              f"was lost); {then}", flush=True)
+        print(f"[preprocess] a worker of the build died: {process_died(pid, exit_type)}; {then}", flush=True)
 
     return say
 

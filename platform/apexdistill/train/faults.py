@@ -19,6 +19,8 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from apexdistill.console import process_died
+
 FAILURE_FILE = "last_failure.json"
 
 
@@ -29,8 +31,7 @@ def fault_reason(exc: BaseException) -> str:
     exit_type = re.search(r"Worker exit type: (\w+)", text)
     pid = re.search(r"\bpid[:=] ?(\d+)", text)
     if exit_type or "actor died" in text.lower() or "health check" in text.lower():
-        how = f"exit type {exit_type.group(1)}" if exit_type else type(exc).__name__
-        return f"its process{f' (pid {pid.group(1)})' if pid else ''} died ({how}: killed, out of memory, or its node was lost)"
+        return process_died(pid.group(1) if pid else None, f"exit type {exit_type.group(1)}" if exit_type else type(exc).__name__)
     cause = exc
     while getattr(cause, "__cause__", None) is not None:
         cause = cause.__cause__
