@@ -233,6 +233,12 @@ def test_ctrl_c_then_the_printed_command_resumes_into_the_same_mlflow_run(tmp_pa
     assert command[0] == "apexdistill" and command[1:] == args, command
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "KILLED"
+    # the Ctrl-C is taken between steps, not inside one (an MLflow write cut in half left SQLite locked): every step
+    # the console printed is in MLflow, the last one included
+    assert "[train] Ctrl-C: stopping at the end of this step (press Ctrl-C again to stop now)" in said, said
+    printed = [int(line.split()[2].split("/")[0]) for line in lines if line.startswith("[train] step ")]
+    before = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run_id, "loss")]
+    assert sorted(before) == list(range(1, max(printed) + 1)), (before, printed)
 
     capsys.readouterr()
     assert main([*command[1:], f"train.steps={step + 3}"]) == 0

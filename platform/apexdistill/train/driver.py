@@ -342,10 +342,10 @@ def _close_failed(handle: Any, exc: BaseException) -> None:
     traceback as the artifact ``error.txt``."""
     if handle is None:
         return
-    from apexdistill.tracking import RunLogger, close_run
+    from apexdistill.tracking import RunLogger
 
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-        close_run(handle, "KILLED")
+        _close_quietly(handle, "KILLED")
         return
     import traceback
 
@@ -358,7 +358,18 @@ def _close_failed(handle: Any, exc: BaseException) -> None:
         logger.set_tags({"apexdistill.error": (lines[-1] if lines else type(cause).__name__)[:500]})
         logger.log_text("".join(traceback.format_exception(exc)), "error.txt")
     finally:
-        close_run(handle, "FAILED")
+        _close_quietly(handle, "FAILED")
+
+
+def _close_quietly(handle: Any, status: str) -> None:
+    """Close a stopped run's MLflow run; if the store fails too, say so in one line and let the stop line follow."""
+    from apexdistill.tracking import close_run
+
+    try:
+        close_run(handle, status)
+    except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
+        print(f"[train] could not mark MLflow run {handle.run_id} {status}: {type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
 
 
 def last_good_checkpoint(out: Path, storage: Any = None) -> tuple[int, str] | None:
@@ -406,7 +417,7 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     from apexdistill.data.preprocess import read_cache, read_cache_tables, run_preprocess
     from apexdistill.tracking import RUN_FILE, RunLogger, close_run, open_run, redact_uri
     from apexdistill.train.data import DataShapes, LocalRows, row_bytes
-    from apexdistill.train.faults import FaultReporter, clear_failure_record
+    from apexdistill.train.faults import FaultReporter, clear_failure_record, deferred_interrupt
     from apexdistill.train.loop import latest_checkpoint, train_loop_per_worker
     from apexdistill.train.storage import RunStorage
 
@@ -502,7 +513,7 @@ def run_training(cfg: Config, address: str | None = None, evaluate: bool | None 
     clear_failure_record(out)
     started = time.time()
     try:
-        with ProgressRelay(out) if loop_progress else contextlib.nullcontext():
+        with ProgressRelay(out) if loop_progress else contextlib.nullcontext(), deferred_interrupt(workers == 0):
             if trainer is None:
                 from apexdistill.train.session import TuneTrialSession
 

@@ -11,11 +11,14 @@ resumes and says how long the restart took (``restart_line``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ray.train import UserCallback
 
@@ -106,3 +109,37 @@ def restart_line(run_dir: Path, step: int, where: str) -> str | None:
 def clear_failure_record(run_dir: Path) -> None:
     """Before a fit: a record left by an earlier fit that died is not this fit's failure."""
     (Path(run_dir) / FAILURE_FILE).unlink(missing_ok=True)
+
+
+_STOP = {"requested": False}
+
+
+def stop_requested() -> bool:
+    """True once a Ctrl-C reached an in-process run (``deferred_interrupt``): the loop stops at its next step boundary."""
+    return _STOP["requested"]
+
+
+@contextlib.contextmanager
+def deferred_interrupt(enabled: bool = True) -> Iterator[None]:
+    """An in-process run (``train.num_workers: 0``) trains in this thread, so a Ctrl-C would land anywhere in it: in
+    the middle of an MLflow write (a SQLite transaction left open, "database is locked" for the rest of the process) or
+    of a checkpoint. The first Ctrl-C asks the loop to stop at the end of its step (``stop_requested``), where it raises
+    KeyboardInterrupt itself; a second one stops at once. Interrupted system calls restart rather than fail (EINTR)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _handler(signum: int, frame: Any) -> None:
+        if _STOP["requested"]:
+            raise KeyboardInterrupt
+        _STOP["requested"] = True
+        print("[train] Ctrl-C: stopping at the end of this step (press Ctrl-C again to stop now)", flush=True)
+
+    previous = signal.signal(signal.SIGINT, _handler)
+    signal.siginterrupt(signal.SIGINT, False)
+    _STOP["requested"] = False
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _STOP["requested"] = False

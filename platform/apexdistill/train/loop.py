@@ -35,7 +35,7 @@ from apexdistill.config import Config
 from apexdistill.method.base import build_objective
 from apexdistill.models.build import build_backbone
 from apexdistill.train.data import DataShapes, shard_batches
-from apexdistill.train.faults import restart_line
+from apexdistill.train.faults import restart_line, stop_requested
 from apexdistill.train.session import RayTrainSession
 from apexdistill.train.storage import RunStorage, publish_remote, write_pointer
 from apexdistill.train.strategy import Strategy, barrier, build_strategy, distributed
@@ -637,6 +637,8 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: Any = None) -> N
             session.report({**metrics, "step": step})
         if last:
             break
+        if stop_requested():  # a Ctrl-C reached an in-process run: stop here, between steps, not inside a write
+            raise KeyboardInterrupt
 
     batches.close()
     sampler(strategy.backbone, step)
