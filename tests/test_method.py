@@ -499,6 +499,54 @@ def test_apex_consistency_target_is_rcgm_from_the_reference_weights(solver, call
         make_objective("apex", apex={"consistency_weight": 1.0}).loss(ToyVelocity().double(), make_batch(n))
 
 
+@pytest.mark.parametrize("family", ["sana", "qwenimage"])
+def test_apex_guided_consistency_target_is_the_family_cfg_of_the_reference_calls(family):
+    """guidance_ratio r > 0 (a pipeline with CFG): every sub-step of the consistency target takes the teacher's guided
+    velocity, Family.combine_cfg at the scale of r applied to the reference's conditional and negative-prompt calls at
+    the same points (one batched call each), so the student learns the field the teacher pipeline samples with.
+    Qwen-Image's rule (per-token norm rescale) is not plain CFG, so the family's own rule is what is checked."""
+    from apexdistill.method.twinflow import DISPLACEMENT_SOLVERS, RCGM_DELTA_T
+    from apexdistill.models.family import get_family
+
+    steps, n, r = 2, 8, 3.0
+    fam = get_family(family)
+    obj = make_objective("apex", apex={"guidance_ratio": r, "guidance_reference": "frozen", "consistency_weight": 1.0,
+                                       "consistency_steps": steps, "consistency_solver": "midpoint", "lambda_g": 0.0,
+                                       "lambda_p": 0.0, "lambda_r": 0.0, **NO_GENERATOR_WARMUP})
+    live, ref = ToyVelocity().double(), ToyVelocity().double()
+    switch = ReferenceSwitch(live, ref)
+    neg, neg_mask = torch.randn(1, TEXT_LEN, TEXT_DIM, dtype=torch.float64), torch.ones(1, TEXT_LEN)
+    obj.set_guidance((neg, neg_mask), switch.reference, guide=fam.guided_velocity)
+    rec, batch = Recorder(switch), make_batch(n)
+    text, mask = batch["text"], batch["text_mask"]
+    loss, metrics = obj.loss(rec, batch, step=0)
+    reference_calls = [c for c in rec.calls if not c["grad"]][: 2 * steps]
+    assert rec.calls[: 2 * steps] == reference_calls, "the guided sub-steps run before any graph"
+    for call in reference_calls:  # the conditional and the negative prompt at the same points, in one call
+        assert call["x"].shape[0] == 2 * n and torch.equal(call["x"][:n], call["x"][n:]) and torch.equal(call["t"][:n], call["t"][n:])
+        assert torch.equal(call["text"][:n], text) and torch.equal(call["text"][n:], neg.expand(n, -1, -1))
+    gen = rec.calls[2 * steps]
+    z, t0, v = gen["x"], gen["t"], gen["x"] - batch["x"]
+
+    def guided(x_, t_, _r):
+        cond = ref(x_, t_, text, mask)
+        uncond = ref(x_, t_, neg.expand(n, -1, -1), neg_mask.expand(n, -1))
+        return fam.combine_cfg(cond, uncond, fam.guidance_scale_of_ratio(r), t_)
+
+    with torch.no_grad():
+        d = DISPLACEMENT_SOLVERS["midpoint"](guided, z - RCGM_DELTA_T * v, t0 - RCGM_DELTA_T, torch.zeros_like(t0), steps)
+        plain = DISPLACEMENT_SOLVERS["midpoint"](lambda x_, t_, _r: ref(x_, t_, text, mask), z - RCGM_DELTA_T * v,
+                                                 t0 - RCGM_DELTA_T, torch.zeros_like(t0), steps)
+        f = live(z, t0, text, mask)
+
+    def expected(displacement):
+        residual = ((t0.reshape(-1, 1, 1, 1) * f - displacement) / RCGM_DELTA_T - v).clamp(-1, 1)
+        return float(residual.pow(2).flatten(1).mean(1).mean())
+
+    assert float(loss.detach()) == pytest.approx(expected(d), rel=1e-9)
+    assert abs(float(loss.detach()) - expected(plain)) > 1e-6, "the target must be the guided one, not the conditional"
+
+
 @pytest.mark.parametrize("source,fraction", [("student", 1.0), ("data", 0.5)])
 def test_apex_renoised_consistency_targets_the_reference_jump_from_the_renoised_rows(source, fraction):
     """consistency_renoise_t t2: the first fraction of the one-step rows, re-noised to t2 from the current weights'

@@ -22,6 +22,9 @@ released code, because the literal Eq. 20-25 never lets the gradient reach a gen
             (z - delta*(z - x), t0 - delta) to 0, delta = 0.01,
             x the row's data (the released code's random pairing). From the frozen teacher its fixed point is the teacher's
             few-step ODE sample; ``consistency_decay_steps`` hands over to the correction afterwards.
+            With ``guidance_ratio`` r > 0 (a pipeline with CFG: the teacher's own guidance by default) every sub-step
+            takes the teacher's guided velocity, its CFG rule at r on the conditional and the negative-prompt calls, so
+            the one-step student bakes in the guidance the teacher is sampled with.
    With ``consistency_renoise_t`` t2 > 0 the same target is also applied at t2 to the one-step samples re-noised
             there (x_one from the current weights without gradient, or with ``consistency_renoise_source=data`` the
             rows' own data; a fresh z'), on the first ``consistency_renoise_fraction`` of the group's rows:
@@ -217,9 +220,28 @@ class Apex(ShiftedObjective):
     def _consistency_displacement(self, model: nn.Module, z: Tensor, v_data: Tensor, t0: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
         """D of the consistency target: the reference weights' sub-steps from t0 - delta to 0 (per row)."""
         p = self.cfg.apex
+        r = float(p.guidance_ratio or 0.0)
+        if r > 0:  # a guided teacher: each sub-step takes the velocity the teacher pipeline samples with (its CFG rule at r)
+            neg, neg_mask = self._negative(z.shape[0], c, mask, "objective.apex.guidance_ratio > 0")
+            both_c, both_mask = torch.cat([c, neg]), cat_batches(mask, neg_mask)
+
+            def velocity(x_: Tensor, t_: Tensor, _r: Tensor) -> Tensor:
+                v_cond, v_uncond = _split(model(torch.cat([x_, x_]), torch.cat([t_, t_]), both_c, both_mask), x_.shape[0])
+                return self.guide(v_cond, v_uncond, t_, r)
+        else:
+            def velocity(x_: Tensor, t_: Tensor, _r: Tensor) -> Tensor:
+                return model(x_, t_, c, mask)
         with torch.no_grad(), self._reference(p.consistency_reference, "objective.apex.consistency_weight > 0"):
-            return consistency_displacement(lambda x_, t_, _r: model(x_, t_, c, mask), z, v_data, t0, torch.zeros_like(t0),
-                                            p.consistency_steps, solver=p.consistency_solver, shift=p.consistency_time_shift)
+            return consistency_displacement(velocity, z, v_data, t0, torch.zeros_like(t0), p.consistency_steps,
+                                            solver=p.consistency_solver, shift=p.consistency_time_shift)
+
+    def _negative(self, n: int, c: Tensor, mask: Tensor | None, why: str) -> tuple[Tensor, Tensor | None]:
+        """The cached negative (unconditional) text states and mask, one row per batch row, in ``c``'s dtype and device."""
+        if getattr(self, "negative", None) is None:
+            raise RuntimeError(f"{why} needs the cached negative embedding (set_guidance was not called with one)")
+        neg, neg_mask = (v.to(c.device) for v in self.negative)
+        neg = neg.to(c.dtype).expand(n, -1, -1)
+        return neg, (neg_mask.expand(n, -1).to(mask.dtype) if mask is not None else None)
 
     def _renoised_points(self, model: nn.Module, z: Tensor, x: Tensor, t0: Tensor, c: Tensor, mask: Tensor | None):
         """(x_t2, t2, v): the re-noised rows of 7' and their velocity z' - x_src, x_src the one-step samples of the
@@ -243,13 +265,8 @@ class Apex(ShiftedObjective):
         r = float(self.cfg.apex.guidance_ratio or 0.0)
         if r <= 0:
             return target
-        if getattr(self, "negative", None) is None:
-            raise RuntimeError("objective.apex.guidance_ratio > 0 needs the cached negative embedding (set_guidance was not called "
-                               "with one)")
         n = x.shape[0]
-        neg, neg_mask = (v.to(x.device) for v in self.negative)
-        neg = neg.to(c.dtype).expand(n, -1, -1)
-        neg_mask = neg_mask.expand(n, -1).to(mask.dtype) if mask is not None else None
+        neg, neg_mask = self._negative(n, c, mask, "objective.apex.guidance_ratio > 0")
         with torch.no_grad(), self._reference(self.cfg.apex.guidance_reference, "objective.apex.guidance_ratio > 0"):
             v_cond, v_uncond = _split(model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c, neg]), cat_batches(mask, neg_mask)), n)
             # the teacher's own CFG rule (Qwen-Image's per-token norm rescale, Z-Image's normalisation and truncation):
