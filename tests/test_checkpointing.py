@@ -46,8 +46,19 @@ def _batch(n: int = 4, channels: int = 4, side: int = 8) -> dict[str, torch.Tens
             "text_mask": mask}
 
 
+def _wrapped(cfg, backbone):
+    """The strategy wrapped around the backbone and the objective, with its reference weights bound as the training loop
+    does (the default apex recipe's consistency target comes from the frozen teacher)."""
+    from apexdistill.train.loop import bind_reference, keep_initial_weights
+
+    s = build_strategy(cfg, 0, 1, torch.device("cpu"))
+    s.wrap(backbone, build_objective(cfg.objective))
+    bind_reference(s.objective, s, keep_initial_weights(cfg, backbone))
+    return s
+
+
 def gradients(family: str, lora: bool, checkpointing: bool, strategy: str = "none") -> tuple[dict[str, torch.Tensor], int]:
-    """One apex step's gradients (generator term on) and how often the first block ran forward."""
+    """One step's gradients of the default apex recipe and how often the first block ran forward."""
     cfg = build_config({}, [f"model.backbone={family}", f"model.lora.enabled={lora}", "model.lora.rank=4",
                             f"train.gradient_checkpointing={checkpointing}", f"train.strategy={strategy}",
                             f"train.num_workers={0 if strategy == 'none' else 1}", "train.ema_decay=0",
@@ -63,8 +74,7 @@ def gradients(family: str, lora: bool, checkpointing: bool, strategy: str = "non
     calls = []
     # a pre-hook: the non-reentrant recomputation stops early, before a block's forward hooks would run
     backbone.blocks()[0].register_forward_pre_hook(lambda *_: calls.append(1))
-    s = build_strategy(cfg, 0, 1, torch.device("cpu"))
-    s.wrap(backbone, build_objective(cfg.objective))
+    s = _wrapped(cfg, backbone)
     torch.manual_seed(1)
     loss, _ = s.objective.loss(s.model, _batch(), step=10)
     calls.clear()  # count the gradient passes and their recomputation only
@@ -119,8 +129,7 @@ def test_checkpointing_lowers_the_measured_peak_memory():
         cfg = build_config({}, [f"train.gradient_checkpointing={checkpointing}", "train.ema_decay=0", "data.resolution=32"])
         torch.manual_seed(0)
         backbone = build_backbone(cfg.model, 1, 32, TEXT_DIM).train()
-        s = build_strategy(cfg, 0, 1, torch.device("cpu"))
-        s.wrap(backbone, build_objective(cfg.objective))
+        s = _wrapped(cfg, backbone)
         batch = _batch(16, channels=1, side=32)
 
         def step(s=s, batch=batch):

@@ -143,3 +143,54 @@ def test_with_absolute_paths_resolves_local_relative_paths_only(tmp_path, monkey
                                                 "model.path=builtin:teacher", "data.source=parquet", "data.path=data/x.parquet"]))
     assert cfg.run.workdir == str(tmp_path / "runs") and cfg.data.path == str(tmp_path / "data" / "x.parquet")
     assert cfg.data.cache_uri == "s3://bucket/cache" and cfg.model.path == "builtin:teacher"
+
+
+#: the measured recipe (README, "The apex recipe"): what `apexdistill demo` runs and what the README's tables score
+RECIPE = {"lambda_g": 1.0, "lambda_p": 1.0, "lambda_r": 1.0, "generator_warmup_steps": 0, "generator_ramp_steps": 0,
+          "anchor_t_max": 0.9, "consistency_weight": 1.0, "consistency_steps": 4, "consistency_solver": "midpoint",
+          "consistency_time_shift": 0.67, "consistency_reference": "frozen", "consistency_bank_size": 2048,
+          "generator_fraction": 0.5, "consistency_renoise_t": 0.6, "consistency_renoise_source": "data",
+          "consistency_renoise_fraction": 0.5}
+
+
+def test_the_default_apex_is_the_demo_recipe():
+    """`objective: {name: apex}` and nothing else (how a user starts on a pipeline) trains the recipe the demo measured:
+    the demo's config sets nothing under objective.apex, its resolved objective.apex is the library default, and that
+    default carries every key of the recipe."""
+    import yaml
+
+    from apexdistill.config import ApexConfig
+    from apexdistill.demo import DEMO_CONFIG, demo_config
+
+    raw = yaml.safe_load(DEMO_CONFIG.read_text())
+    assert set(raw["objective"]) == {"name"} and raw["objective"]["name"] == "apex", raw["objective"]
+    demo, user = demo_config("/tmp/unused").objective.apex, build_config({"objective": {"name": "apex"}}).objective.apex
+    # the digits have no CFG: resolving a config turns the guidance ratio's "the teacher's" (None) into 0
+    assert demo.guidance_ratio == user.guidance_ratio == 0
+    assert demo == user and user.model_copy(update={"guidance_ratio": None}) == ApexConfig()
+    assert {k: getattr(ApexConfig(), k) for k in RECIPE} == RECIPE
+    assert build_config({}).objective.shift.a == -1.0 and build_config({}).objective.shift.b == 0.0
+
+
+def test_the_recipe_needs_two_rows_a_batch_and_says_so():
+    """generator_fraction 0.5 splits each per-rank batch in two: a batch of 1 is refused before any compute, naming both
+    fields and the way out."""
+    with pytest.raises(ConfigError, match=r"generator_fraction=0.5 .* train.batch_size must be at least 2, got 1 .*generator_fraction=1"):
+        build_config({}, ["train.batch_size=1"])
+    assert build_config({}, ["train.batch_size=1", "objective.apex.generator_fraction=1"]).train.batch_size == 1
+    assert build_config({}, ["train.batch_size=1", "objective.name=fm"]).train.batch_size == 1
+
+
+def test_every_shipped_config_and_sweep_states_its_recipe():
+    """Each file under jobs/configs/ and sweeps/ says in a `# Recipe:` line which recipe it runs (the default apex recipe,
+    the literal objective, or none), and it loads."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted([*(root / "jobs" / "configs").glob("*.yaml"), *(root / "sweeps").glob("*.yaml")])
+    assert len(files) >= 10
+    for f in files:
+        said = [line for line in f.read_text().splitlines() if line.lstrip().startswith("# Recipe: ")]
+        assert len(said) == 1, f"{f.name}: one '# Recipe:' line, found {len(said)}"
+    for f in (root / "jobs" / "configs").glob("distill_*.yaml"):
+        assert load_config(f).objective.name == "apex"

@@ -141,7 +141,18 @@ def make_batch(n: int = 8, dtype: torch.dtype = torch.float64, same_text: bool =
     return {"x": torch.randn(n, C, H, W, dtype=dtype).clamp(-1, 1), "text": text, "text_mask": mask}
 
 
+#: apex's plain form, the library defaults before the recipe became them: no consistency target, every row in every term,
+#: a generator warm-up. The unit tests check apex's terms one at a time on it (each test turns on what it checks); the
+#: default recipe is checked whole in test_default_apex_is_the_recipe and the recipe guards
+PLAIN_APEX = {"lambda_g": 0.2, "generator_warmup_steps": 100, "generator_ramp_steps": 200, "generator_fraction": 1.0,
+              "consistency_weight": 0.0, "consistency_solver": "euler", "consistency_time_shift": 1.0,
+              "consistency_renoise_t": 0.0, "consistency_renoise_fraction": 1.0, "consistency_renoise_source": "student",
+              "consistency_bank_size": 0}
+
+
 def make_objective(name: str, **sections):
+    if name == "apex":
+        sections["apex"] = {**PLAIN_APEX, **sections.get("apex", {})}
     cfg = build_config({"objective": {"name": name, **sections}, "model": {"target_time": True}, "train": {"batch_size": 8}})
     return build_objective(cfg.objective)
 

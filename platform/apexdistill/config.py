@@ -211,46 +211,50 @@ class ApexConfig(_Section):
         "auto", description="weights the guidance velocities come from: frozen (the initial weights, i.e. the teacher: the "
         "base with adapters disabled under LoRA, a kept copy of the trained parameters otherwise), ema (the EMA of the "
         "trained weights), auto = the released code's choice: frozen under LoRA, ema without")
-    # Defaults measured on the built-in digits with the tiny Sana backbone (README, "Tuning apex"):
-    # lambda_g = 1 and no generator warm-up destabilised the shared network there.
-    lambda_g: float = Field(0.2, ge=0, description="weight of the generator term L_gen")
+    # The defaults are the measured recipe (README, "The apex recipe"; `apexdistill demo` runs it): the RCGM consistency
+    # target from the frozen teacher (4 midpoint sub-steps placed by shift 0.67, kept in a bank of 2048 rows), half the
+    # rows driving the generator and half the real anchor, the same target at t=0.6 on half the generator rows re-noised
+    # from their data; with it the generator term is on at full weight from the first step. Without the consistency
+    # target (consistency_weight=0, the plain form) lambda_g=1 and no warm-up destabilise the shared network: use
+    # lambda_g 0.2 with a 100-step warm-up and a 200-step ramp there.
+    lambda_g: float = Field(1.0, ge=0, description="weight of the generator term L_gen")
     lambda_p: float = Field(1.0, ge=0, description="weight of the fake-branch flow matching L_fake")
     lambda_r: float = Field(1.0, ge=0, description="weight of the real-data flow-matching anchor L_real")
-    generator_warmup_steps: int = Field(100, ge=0, description="steps with lambda_g = 0 so the fake branch first learns the one-step samples")
-    generator_ramp_steps: int = Field(200, ge=0, description="then lambda_g ramps linearly to its value over this many steps")
+    generator_warmup_steps: int = Field(0, ge=0, description="steps with lambda_g = 0 so the fake branch first learns the one-step samples")
+    generator_ramp_steps: int = Field(0, ge=0, description="then lambda_g ramps linearly to its value over this many steps")
     anchor_t_max: float = Field(
         0.9, gt=0.0, le=1.0, description="the real anchor samples t up to this value, leaving t ~ 1 to the one-step generator"
     )
     generator_fraction: float = Field(
-        1.0, gt=0.0, le=1.0, description="share of each batch's rows that drive the generator and the fake branch; the other "
+        0.5, gt=0.0, le=1.0, description="share of each batch's rows that drive the generator and the fake branch; the other "
         "rows are the real anchor (the released code's grouping: each row costs one gradient pass). 1.0 = every row does all "
         "three (three gradient passes per row)")
     consistency_weight: float = Field(
-        0.0, ge=0, description="lambda_c of the released code's RCGM consistency target on the one-step group: F(z, t0, c) is "
+        1.0, ge=0, description="lambda_c of the released code's RCGM consistency target on the one-step group: F(z, t0, c) is "
         "pulled to F - clamp(R), R the residual of t0*F = delta*(z - x) + D, D the reference model's consistency_steps "
         "sub-steps (consistency_solver) from t0 - delta to 0 (delta = 0.01); 0 = off")
     consistency_steps: int = Field(4, ge=1, le=64, description="sub-steps of the consistency target's reference (the "
                                    "released code's estimate_order)")
     consistency_solver: Literal["euler", "midpoint"] = Field(
-        "euler", description="ODE solver of those sub-steps: euler (the released code's; one reference call a sub-step) or "
+        "midpoint", description="ODE solver of those sub-steps: euler (the released code's; one reference call a sub-step) or "
         "midpoint (explicit midpoint, two calls a sub-step, second order: 2 midpoint sub-steps reach a better target than 8 "
         "Euler ones at half the calls on the shipped teacher)")
     consistency_time_shift: float = Field(
-        1.0, gt=0.0, le=10.0, description="where those sub-steps' boundaries fall between t0 and 0: 1 = evenly in time (the "
+        0.67, gt=0.0, le=10.0, description="where those sub-steps' boundaries fall between t0 and 0: 1 = evenly in time (the "
         "released code's); else warped as diffusers' flow-matching schedulers' `shift` warps sigmas, on the interval: with "
         "u = 1 - i/K the i-th boundary is t*s*u/(1 + (s - 1)*u). s < 1 gives shorter sub-steps near the data (2 midpoint "
         "sub-steps from 0.989 at s = 2/3: 0.989 -> 0.395 -> 0, a better target than the even split on the shipped teacher)")
     consistency_renoise_t: float = Field(
-        0.0, ge=0.0, lt=1.0, description="also pull F(x_t, t, c) at this time, on the one-step samples re-noised to it "
+        0.6, ge=0.0, lt=1.0, description="also pull F(x_t, t, c) at this time, on the one-step samples re-noised to it "
         "(x_t = (1-t)*x_src + t*z', x_src per consistency_renoise_source), to the same consistency target from t "
         "to 0, weighted by consistency_weight: the query the released 2-NFE sampler makes at t = 0.6. Costs a no-gradient "
         "generator pass (source student), the reference's sub-steps on those rows (batched with the one-step target's) and "
         "their rows in the generator's gradient pass; 0 = off")
     consistency_renoise_fraction: float = Field(
-        1.0, gt=0.0, le=1.0, description="share of the one-step group's rows that also get the re-noised target (the first "
+        0.5, gt=0.0, le=1.0, description="share of the one-step group's rows that also get the re-noised target (the first "
         "rows of the group; at least one): the extra reference and gradient work scales with it")
     consistency_renoise_source: Literal["student", "data"] = Field(
-        "student", description="what is re-noised to consistency_renoise_t: student (the current weights' one-step samples, "
+        "data", description="what is re-noised to consistency_renoise_t: student (the current weights' one-step samples, "
         "one no-gradient pass over those rows) or data (the rows' own training samples, no extra pass)")
     consistency_decay_steps: int = Field(
         0, ge=0, description="the consistency weight falls linearly to 0 over this many steps, leaving the one-step student to "
@@ -259,7 +263,7 @@ class ApexConfig(_Section):
         "frozen", description="weights the consistency target's sub-steps come from: frozen (the initial weights, i.e. the "
         "teacher; the base with adapters disabled under LoRA) or ema (the EMA of the trained weights)")
     consistency_bank_size: int = Field(
-        0, ge=0, description="reuse the frozen teacher's consistency targets: the first steps' one-step rows (noise, prompt, "
+        2048, ge=0, description="reuse the frozen teacher's consistency targets: the first steps' one-step rows (noise, prompt, "
         "target; the re-noised rows too) fill a bank of this many rows per worker, then every step draws its generator rows "
         "from it and makes no reference call (the regression baseline's pair bank, for the consistency target). The bank lives "
         "in host memory, each distinct prompt's text states once. Needs "
@@ -287,10 +291,12 @@ class ApexConfig(_Section):
         if self.consistency_bank_size:  # banked targets must not depend on the weights that were live when they were made
             if self.consistency_reference != "frozen":
                 raise ValueError(f"consistency_bank_size={self.consistency_bank_size} reuses the consistency targets, which needs "
-                                 f"consistency_reference=frozen (the {self.consistency_reference} weights move every step)")
+                                 f"consistency_reference=frozen (the {self.consistency_reference} weights move every step), or "
+                                 "consistency_bank_size=0 (fresh targets every step)")
             if self.consistency_renoise_t > 0 and self.consistency_renoise_source == "student":
                 raise ValueError(f"consistency_bank_size={self.consistency_bank_size} reuses the re-noised rows too, which needs "
-                                 "consistency_renoise_source=data (source student re-noises the current weights' samples)")
+                                 "consistency_renoise_source=data (source student re-noises the current weights' samples), or "
+                                 "consistency_bank_size=0 (fresh targets every step)")
         return self
 
 
@@ -480,6 +486,11 @@ class Config(_Section):
             raise ValueError("objective.apex.guidance_ratio > 0 takes its guidance from the frozen base (model.lora.enabled=true "
                              "or objective.apex.guidance_reference=frozen) or the EMA (train.ema_decay > 0): choose one, "
                              "or set objective.apex.guidance_ratio=0")
+        if self.objective.name == "apex" and self.objective.apex.generator_fraction < 1 and self.train.batch_size < 2:
+            raise ValueError(f"objective.apex.generator_fraction={self.objective.apex.generator_fraction:g} splits each per-rank "
+                             f"batch into a generator and a real-anchor group: train.batch_size must be at least 2, got "
+                             f"{self.train.batch_size} (or set objective.apex.generator_fraction=1: every row does both, "
+                             "three gradient passes a row)")
         if self.objective.name == "twinflow":
             if self.objective.shift.learnable:
                 raise ValueError("objective.name='twinflow' uses a fixed condition shift: set objective.shift.learnable=false")
