@@ -173,3 +173,71 @@ def test_plan_of_a_published_preset_as_typed_brings_its_own_run(capsys):
     assert plan["resolution"] == 512 and plan["strategy"] == "ddp" and plan["workers"] == 2 and plan["precision"] == "bf16"
     assert main(["plan", "model.preset=tiny"]) == 0  # the sized presets keep the digits' defaults
     assert "assumed" not in capsys.readouterr().out
+
+
+def test_plan_counts_the_consistency_banks_host_memory_for_sana_at_1024():
+    """`apexdistill plan model.preset=sana-1.6b` (1024 px: 32x32x32 latents, 300 tokens of width 2304) prints the default
+    recipe's bank per worker: 2048 one-step and 1024 re-noised rows of 3 fp32 latents, plus the text states of at most
+    2048 distinct prompts, against train.host_memory_gb."""
+    import subprocess
+    import sys
+
+    latent = 4 * 32 * 32 * 32
+    want = 2048 * (3 * latent + 8) + 1024 * (3 * latent + 12) + 2048 * 300 * (4 * 2304 + 8)
+    plan = plan_memory(build_config({}, ["model.preset=sana-1.6b", "data.resolution=1024", "train.use_gpu=true"]))
+    assert plan.bank is not None and plan.bank.total_bytes == want and plan.bank.fits
+    out = subprocess.run([sys.executable, "-m", "apexdistill.cli", "plan", "model.preset=sana-1.6b"], capture_output=True,
+                         text=True, timeout=120).stdout
+    line = next(line for line in out.splitlines() if line.startswith("consistency bank (host memory, per worker): "))
+    assert f"{want / 2**30:.2f} GB = 2048 one-step rows + 1024 re-noised" in line and "fits train.host_memory_gb=64" in line, out
+    # no bank: no line (fm, or the bank off)
+    assert plan_memory(build_config({}, ["model.preset=sana-1.6b", "data.resolution=1024", "objective.name=fm"])).bank is None
+    assert plan_memory(build_config({}, ["model.preset=sana-1.6b", "data.resolution=1024",
+                                         "objective.apex.consistency_bank_size=0"])).bank is None
+
+
+def test_the_planned_bank_is_the_bytes_a_filled_bank_holds():
+    """The plan's bank bytes equal what the real bank holds once full: the default recipe's objective on the tiny Sana,
+    its reference bound as the worker loop does, every row a distinct prompt (the plan's upper bound)."""
+    from apexdistill.plan import Shapes, plan_bank
+
+    text_len, text_dim, n = 5, 12, 8
+    cfg = build_config({}, ["train.batch_size=8", "objective.apex.consistency_bank_size=16", "train.ema_decay=0"])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model, 1, 16, text_dim).train()
+    strategy = build_strategy(cfg, 0, 1, torch.device("cpu"))
+    objective = build_objective(cfg.objective)
+    strategy.wrap(backbone, objective)
+    bind_reference(objective, strategy, keep_initial_weights(cfg, backbone))
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):  # 4 generator rows a step: full after 4 steps
+        batch = {"x": torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, "text": torch.randn(n, text_len, text_dim, generator=g),
+                 "text_mask": torch.ones(n, text_len, dtype=torch.long)}
+        with torch.no_grad():
+            objective.loss(strategy.model, batch, step)
+    assert objective.bank_fill_steps(n) == 4
+    planned = plan_bank(cfg, Shapes(latent=(1, 16, 16), text_len=text_len, text_dim=text_dim))
+    assert planned.rows == 16 and planned.renoised_rows == 8
+    assert objective.bank_bytes == planned.total_bytes, (objective.bank_bytes, planned.total_bytes)
+
+
+def test_train_refuses_a_bank_that_does_not_fit_host_memory_before_any_compute(tmp_path):
+    """A bank over train.host_memory_gb is refused by `train` before Ray, data or workers start, naming the field, the
+    number and the largest bank that fits (which then plans to fit)."""
+    import re
+
+    from apexdistill.train.driver import run_training
+
+    cfg = build_config({}, [f"run.workdir={tmp_path}", "train.host_memory_gb=0.01", f"data.cache_uri={tmp_path / 'cache'}"])
+    with pytest.raises(ConfigError, match=r"objective.apex.consistency_bank_size=2048: the bank needs 0.1 GB of host memory "
+                                          r"per worker, more than train.host_memory_gb=0.01") as err:
+        run_training(cfg)
+    largest = int(re.search(r"Set objective.apex.consistency_bank_size=(\d+) or less", str(err.value)).group(1))
+    assert 0 < largest < 2048
+    from apexdistill.plan import config_shapes, plan_bank
+
+    fitted = build_config({}, ["train.host_memory_gb=0.01", f"objective.apex.consistency_bank_size={largest}"])
+    assert plan_bank(fitted, config_shapes(fitted)).fits
+    bigger = build_config({}, ["train.host_memory_gb=0.01", f"objective.apex.consistency_bank_size={largest + 8}"])
+    assert not plan_bank(bigger, config_shapes(bigger)).fits
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "mlflow.db").exists()

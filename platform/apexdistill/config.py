@@ -374,6 +374,10 @@ class TrainConfig(_Section):
         "a block keeps only its inputs and recomputes the rest in backward; same gradients, about a third more compute")
     gpu_memory_gb: float = Field(80.0, gt=0, description="memory of one GPU (GiB): with train.use_gpu, `train` refuses a run "
                                  "whose memory plan (`apexdistill plan`) does not fit")
+    host_memory_gb: float = Field(
+        64.0, gt=0, description="host memory (GiB) one worker may hold for the consistency bank (objective.apex."
+        "consistency_bank_size; its share of the node's RAM: 64 of an 8-GPU node's 512): `train` refuses a bank that does not "
+        "fit, naming the largest that would, and `apexdistill plan` shows it")
     log_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(500, ge=0, description="publish a checkpoint every N steps (0 = only at the end)")
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept (the newest ones)")

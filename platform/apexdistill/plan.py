@@ -29,6 +29,12 @@ activations    what autograd keeps for backward, *traced* (not guessed): one sam
                backward recomputes one block at a time for the largest pass.
 =============  ===================================================================================
 
+The consistency bank (apex, ``objective.apex.consistency_bank_size`` N > 0 with the consistency target on) is host
+memory, per worker, planned apart against ``train.host_memory_gb``: N one-step rows and round(N x
+consistency_renoise_fraction) re-noised ones (with consistency_renoise_t > 0), each three fp32 latents (noise or
+re-noised point, data step, the teacher's displacement), and the text states of at most N distinct prompts (fp32, with
+an int64 mask). Each shape bucket fills a bank of its own. ``tests/test_plan.py`` checks it against a filled bank's bytes.
+
 Peak = weights + optimizer + ema + teacher copy + max(gradients, activations): backward frees each block's
 activations as it makes that block's gradients (with ``train.grad_accum_steps > 1`` the gradients
 live through the next micro-batch's forward, so both are added). A plan fits when the peak is at
@@ -276,10 +282,14 @@ class Plan:
     gpu_memory_gb: float
     fits: bool
     activations_per_sample_gb: float
+    bank: "BankPlan | None" = None
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.bank is not None:
+            out["bank"].update(gb=self.bank.gb, fits=self.bank.fits)
+        return out
 
 
 @dataclass
@@ -368,8 +378,70 @@ def plan_memory(cfg: Config, shapes: Shapes | None = None) -> Plan:
         parameters=P, trainable_parameters=T, weights_gb=weights / GIB, gradients_gb=grads / GIB,
         optimizer_gb=optimizer / GIB, ema_gb=ema / GIB, reference_gb=reference / GIB, activations_gb=activations / GIB, per_gpu_gb=peak / GIB,
         gpu_memory_gb=t.gpu_memory_gb, fits=peak / GIB <= USABLE_FRACTION * t.gpu_memory_gb,
-        activations_per_sample_gb=facts.trace.kept(ckpt) / GIB, notes=notes,
+        activations_per_sample_gb=facts.trace.kept(ckpt) / GIB, bank=plan_bank(cfg, shapes), notes=notes,
     )
+
+
+# ----------------------------------------------------------------------------- the consistency bank (host memory)
+
+
+@dataclass
+class BankPlan:
+    rows: int
+    renoised_rows: int
+    row_bytes: int  # one one-step row's columns (three latents and the text index)
+    renoised_row_bytes: int
+    prompt_bytes: int  # one distinct prompt's text states and mask
+    host_memory_gb: float
+
+    @property
+    def total_bytes(self) -> int:
+        return self.rows * (self.row_bytes + self.prompt_bytes) + self.renoised_rows * self.renoised_row_bytes
+
+    @property
+    def gb(self) -> float:
+        return self.total_bytes / GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.gb <= self.host_memory_gb
+
+    def largest_fitting(self) -> int:
+        """The largest consistency_bank_size whose bank fits train.host_memory_gb."""
+        per_row = self.row_bytes + self.prompt_bytes + self.renoised_row_bytes * self.renoised_rows / max(self.rows, 1)
+        return int(self.host_memory_gb * GIB // per_row)
+
+    def line(self) -> str:
+        latents = f"{self.rows} one-step rows" + (f" + {self.renoised_rows} re-noised" if self.renoised_rows else "")
+        prompts = self.rows * self.prompt_bytes / GIB
+        return (f"consistency bank (host memory, per worker): {self.gb:.2f} GB = {latents} x 3 fp32 latents "
+                f"({(self.total_bytes - self.rows * self.prompt_bytes) / GIB:.2f} GB) + the text states of at most {self.rows} "
+                f"distinct prompts ({prompts:.2f} GB); {'fits' if self.fits else 'does NOT fit'} "
+                f"train.host_memory_gb={self.host_memory_gb:g}")
+
+
+def plan_bank(cfg: Config, shapes: Shapes) -> BankPlan | None:
+    """The consistency bank's host memory per worker (see the module docstring), or None without one."""
+    a = cfg.objective.apex
+    if cfg.objective.name != "apex" or not a.consistency_bank_size or not a.consistency_weight:
+        return None
+    c, h, w = shapes.latent
+    latent = 4 * c * h * w
+    n = a.consistency_bank_size
+    renoised = max(1, round(n * a.consistency_renoise_fraction)) if a.consistency_renoise_t > 0 else 0
+    return BankPlan(rows=n, renoised_rows=renoised, row_bytes=3 * latent + 8, renoised_row_bytes=3 * latent + 4 + 8,
+                    prompt_bytes=shapes.text_len * (4 * shapes.text_dim + 8), host_memory_gb=cfg.train.host_memory_gb)
+
+
+def check_bank_fits(cfg: Config, shapes: Shapes | None = None) -> BankPlan | None:
+    """Refuse a consistency bank that does not fit ``train.host_memory_gb``, naming the largest that would."""
+    bank = plan_bank(cfg, shapes or config_shapes(cfg))
+    if bank is None or bank.fits:
+        return bank
+    raise ConfigError(f"objective.apex.consistency_bank_size={bank.rows}: the bank needs {bank.gb:.1f} GB of host memory per "
+                      f"worker, more than train.host_memory_gb={bank.host_memory_gb:g} ({bank.line()}). Set "
+                      f"objective.apex.consistency_bank_size={bank.largest_fitting()} or less, raise train.host_memory_gb if "
+                      "the node has it, or objective.apex.consistency_bank_size=0 (fresh teacher targets every step)")
 
 
 # ----------------------------------------------------------------------------- refusing what cannot fit
@@ -450,6 +522,8 @@ def format_plan(plan: Plan) -> str:
         f"{'fits' if plan.fits else 'does NOT fit'} train.gpu_memory_gb={plan.gpu_memory_gb:g} "
         f"(a plan may use {USABLE_FRACTION:.0%} of it)",
     ]
+    if plan.bank is not None:
+        rows.append(plan.bank.line())
     rows.extend(f"note: {n}" for n in plan.notes)
     return "\n".join(rows)
 

@@ -148,13 +148,16 @@ def connect(cfg: Config, address: str | None = None) -> None:
 
 
 def check_memory_plan(cfg: Config) -> None:
-    """GPU runs: refuse a config whose memory plan (``apexdistill plan``) does not fit
-    ``train.gpu_memory_gb``, naming what would (``ConfigError``). A model the planner cannot trace
+    """Refuse a consistency bank that does not fit ``train.host_memory_gb`` and, for GPU runs, a config whose memory plan
+    (``apexdistill plan``) does not fit ``train.gpu_memory_gb``, naming what would (``ConfigError``). A model the planner cannot trace
     is reported and trained anyway: the plan is advice, the GPU has the last word."""
     from apexdistill.config import ConfigError
-    from apexdistill.plan import check_plan_fits
+    from apexdistill.plan import check_bank_fits, check_plan_fits
 
     try:
+        bank = check_bank_fits(cfg)  # host memory, CPU runs too
+        if bank is not None and cfg.train.use_gpu:
+            print(f"[train] {bank.line()}", flush=True)
         plan = check_plan_fits(cfg)
     except ConfigError:
         raise
