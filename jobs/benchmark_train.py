@@ -12,6 +12,8 @@ ratios compare numbers taken side by side on the same (noisy) machine:
    reported apart, and as a second ratio with the training memory (what a CPU-only run holds).
 2. The same loop plainly in-process against Ray Train with one worker: steady-state samples/s
    (median over logging windows, the first one dropped) and the fixed start-up cost.
+1b. The default apex recipe on a tiny stock Sana pipeline with its CFG (guided consistency target) against fm, with
+   the bank full, while it fills, and with an unguided target.
 3. Ray Train with 1 and 2 workers (DDP, one torch thread each).
 
     python jobs/benchmark_train.py --steps 300 --batch 32
@@ -28,21 +30,28 @@ import time
 import torch
 
 
-def _batch(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"x": torch.rand(n, 1, 16, 16, generator=gen) * 2 - 1, "text": torch.randn(n, 16, 384, generator=gen),
-            "text_mask": torch.ones(n, 16)}
+#: the digits' sample: a 1x16x16 image, 16 text tokens of width 384 (MiniLM)
+DIGITS_SHAPE = (1, 16, 16, 384)
 
 
-def _setup(cfg):
+def _batch(n: int, gen: torch.Generator, shape: tuple[int, int, int, int] = DIGITS_SHAPE) -> dict[str, torch.Tensor]:
+    c, side, length, dim = shape
+    return {"x": torch.rand(n, c, side, side, generator=gen) * 2 - 1, "text": torch.randn(n, length, dim, generator=gen),
+            "text_mask": torch.ones(n, length, dtype=torch.long)}
+
+
+def _setup(cfg, shape: tuple[int, int, int, int] = DIGITS_SHAPE, negative: dict | None = None):
     from apexdistill.method.base import build_objective
     from apexdistill.models.build import build_backbone
     from apexdistill.train.loop import bind_reference, keep_initial_weights
     from apexdistill.train.strategy import Strategy
 
-    backbone = build_backbone(cfg.model, 1, 16, 384)
+    c, side, _, dim = shape
+    backbone = build_backbone(cfg.model, c, side, dim)
     strategy = Strategy(cfg, 0, 1, torch.device(cfg.train.use_gpu and "cuda" or "cpu"))
     strategy.wrap(backbone, build_objective(cfg.objective))
-    bind_reference(strategy.objective, strategy, keep_initial_weights(cfg, backbone))  # the recipe's frozen teacher
+    # the recipe's frozen teacher, and the negative prompt's states for a guided target
+    bind_reference(strategy.objective, strategy, keep_initial_weights(cfg, backbone), negative)
     return strategy
 
 
@@ -73,16 +82,19 @@ def state_bytes(strategy) -> int:
     return weights + trainable * 3  # + gradients + AdamW's two moments
 
 
-def objective_costs(base_cfg, batch_size: int, steps: int, blocks: int) -> dict:
-    """Interleaved blocks of apex and fm steps; step 1000 so apex's generator term is fully on."""
+DIGITS_VARIANTS = {"apex": ["objective.name=apex"], "apex_no_anchor": ["objective.name=apex", "objective.apex.lambda_r=0"],
+                   "apex_fresh_targets": ["objective.name=apex", "objective.apex.consistency_bank_size=0"],
+                   "fm": ["objective.name=fm"]}
+
+
+def objective_costs(base_cfg, batch_size: int, steps: int, blocks: int, variants: dict[str, list[str]] = DIGITS_VARIANTS,
+                    shape: tuple[int, int, int, int] = DIGITS_SHAPE, negative: dict | None = None) -> dict:
+    """Interleaved blocks of each variant's steps; step 1000 so apex's generator term is fully on."""
     from apexdistill.config import build_config
 
     gen = torch.Generator().manual_seed(0)
-    batches = [_batch(batch_size, gen) for _ in range(4)]
-    variants = {"apex": ["objective.name=apex"], "apex_no_anchor": ["objective.name=apex", "objective.apex.lambda_r=0"],
-                "apex_fresh_targets": ["objective.name=apex", "objective.apex.consistency_bank_size=0"],
-                "fm": ["objective.name=fm"]}
-    strategies = {name: _setup(build_config(base_cfg.model_dump(mode="json"), ov)) for name, ov in variants.items()}
+    batches = [_batch(batch_size, gen, shape) for _ in range(4)]
+    strategies = {name: _setup(build_config(base_cfg.model_dump(mode="json"), ov), shape, negative) for name, ov in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in strategies}
     for name, s in strategies.items():  # warm-up, and with consistency_bank_size the steps that fill the bank
         for i in range(3 + getattr(s.objective, "bank_fill_steps", lambda _: 0)(batch_size)):
@@ -105,12 +117,38 @@ def objective_costs(base_cfg, batch_size: int, steps: int, blocks: int) -> dict:
         bank = getattr(s.objective, "bank_bytes", 0)  # apex's consistency bank, in host memory
         out[name] = {"median_step_s": statistics.median(times[name]), "memory_mb": memory / 2**20, "host_bank_mb": bank / 2**20,
                      "activations_mb": saved_activation_bytes(s, batches[0], 1000) / 2**20}
-    for name in ("apex", "apex_no_anchor", "apex_fresh_targets"):
+    for name in (n for n in variants if n.startswith("apex")):
         suffix = "" if name == "apex" else name[4:]
         out[f"time_ratio{suffix}"] = out[name]["median_step_s"] / out["fm"]["median_step_s"]
         out[f"memory_ratio{suffix}"] = out[name]["memory_mb"] / out["fm"]["memory_mb"]
         out[f"memory_with_bank_ratio{suffix}"] = (out[name]["memory_mb"] + out[name]["host_bank_mb"]) / out["fm"]["memory_mb"]
         out[f"activation_ratio{suffix}"] = out[name]["activations_mb"] / out["fm"]["activations_mb"]
+    return out
+
+
+def pipeline_costs(workdir: str, batch_size: int, steps: int, blocks: int) -> dict:
+    """The same on a tiny stock Sana pipeline with its CFG (SanaPipeline's 4.5, r = 3.5): the default recipe's guided
+    consistency target (16 teacher calls a step while its bank fills, none after) against fm and the unguided target."""
+    from pathlib import Path
+
+    from apexdistill.config import build_config
+    from apexdistill.models.family import get_family
+    from apexdistill.models.text import build_text_encoder
+    from apexdistill.models.vae import build_vae
+
+    side, length = 32, 24
+    folder = get_family("sana").build_tiny_pipeline(Path(workdir) / "benchmarks" / "tiny-sana", seed=0)
+    cfg = build_config({}, [f"model.path={folder}", f"data.resolution={side}", f"text_encoder.max_length={length}",
+                            f"train.batch_size={batch_size}", f"run.workdir={workdir}"])
+    c, h, _ = build_vae(cfg.vae, cfg.data.image_channels).latent_shape(side)
+    dim = build_text_encoder(cfg.text_encoder).dim
+    gen = torch.Generator().manual_seed(1)
+    negative = {"text": torch.randn(1, length, dim, generator=gen).tolist(), "mask": [[1] * length]}
+    variants = {"apex": [], "apex_fresh_targets": ["objective.apex.consistency_bank_size=0"],
+                "apex_unguided_fresh": ["objective.apex.consistency_bank_size=0", "objective.apex.guidance_ratio=0"],
+                "fm": ["objective.name=fm"]}
+    out = objective_costs(cfg, batch_size, steps, blocks, variants, (c, h, length, dim), negative)
+    out["guidance_ratio"] = cfg.objective.apex.guidance_ratio
     return out
 
 
@@ -173,7 +211,7 @@ def main() -> None:
               "tracking.experiment=benchmark-train-runs", *args.overrides]
     from apexdistill.demo import demo_config
 
-    # apex is the demo's recipe (its objective section); fm and the rest are the library defaults
+    # apex is the default recipe (the demo's)
     cfg = build_config({"objective": demo_config(args.workdir).objective.model_dump(mode="json")}, common)
     ensure_ray()
     cache = run_preprocess(cfg)
@@ -193,6 +231,12 @@ def main() -> None:
     print(f"[bench]     apex with fresh reference targets every step (consistency_bank_size=0; with a bank, its first {fill} "
           f"steps): {costs['apex_fresh_targets']['median_step_s'] * 1e3:.1f} ms/step: {costs['time_ratio_fresh_targets']:.2f}x time, "
           f"{costs['memory_ratio_fresh_targets']:.2f}x memory", flush=True)
+    print("[bench] 1b/3 the default recipe on a tiny stock Sana pipeline with CFG 4.5 vs fm, in-process", flush=True)
+    guided = pipeline_costs(args.workdir, args.batch, args.objective_steps, blocks=4)
+    print(f"[bench]     apex (guided target, bank full) {guided['apex']['median_step_s'] * 1e3:.1f} ms/step, fm "
+          f"{guided['fm']['median_step_s'] * 1e3:.1f} ms/step: {guided['time_ratio']:.2f}x time; while its bank fills (fresh "
+          f"guided targets) {guided['time_ratio_fresh_targets']:.2f}x, fresh unguided targets "
+          f"{guided['time_ratio_unguided_fresh']:.2f}x", flush=True)
     if args.objectives_only:
         return
 
@@ -208,7 +252,7 @@ def main() -> None:
     print(f"[bench]     2 workers {two['samples_per_s']:.0f} samples/s vs 1 worker {one['samples_per_s']:.0f}: "
           f"{two['samples_per_s'] / one['samples_per_s']:.2f}x", flush=True)
 
-    record = {"objectives": costs, "plain": plain, "ray_1_worker": one, "ray_2_workers": two,
+    record = {"objectives": costs, "pipeline_cfg": guided, "plain": plain, "ray_1_worker": one, "ray_2_workers": two,
               "ray_over_plain": one["samples_per_s"] / plain["samples_per_s"],
               "two_over_one": two["samples_per_s"] / one["samples_per_s"], "batch_per_rank": args.batch, "steps": args.steps}
     record_benchmark(
@@ -219,6 +263,9 @@ def main() -> None:
                  "apex_no_anchor_over_fm_time": costs["time_ratio_no_anchor"],
                  "apex_no_anchor_over_fm_memory": costs["memory_ratio_no_anchor"],
                  "apex_fresh_targets_over_fm_time": costs["time_ratio_fresh_targets"],
+                 "pipeline_cfg_apex_over_fm_time": guided["time_ratio"],
+                 "pipeline_cfg_apex_fresh_over_fm_time": guided["time_ratio_fresh_targets"],
+                 "pipeline_cfg_apex_unguided_fresh_over_fm_time": guided["time_ratio_unguided_fresh"],
                  "ray_over_plain": record["ray_over_plain"], "ray_startup_s": one["startup_s"],
                  "two_over_one_workers": record["two_over_one"], "plain_samples_per_s": plain["samples_per_s"],
                  "ray1_samples_per_s": one["samples_per_s"], "ray2_samples_per_s": two["samples_per_s"]},
