@@ -63,8 +63,9 @@ def ddp_straight(tmp_path_factory, shared_cache):
 
 
 def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache, ddp_straight):
-    """ddp, fsdp2 and deepspeed ZeRO-2 on the same data, seeds and init take the same steps: their
-    final weights agree to float32 round-off (the three reduce the same gradients differently).
+    """ddp, fsdp2 and deepspeed ZeRO-2 on the same data, seeds and init take the same steps of the default apex recipe
+    (its consistency target from the kept teacher swapped into the live weights): their final weights agree to float32
+    round-off (the three reduce the same gradients differently).
     fsdp2 and deepspeed run with activation checkpointing, ddp without: it changes no step."""
     results = {"ddp": ddp_straight}
     for strategy in ("fsdp2", "deepspeed"):
@@ -81,8 +82,12 @@ def test_strategies_train_checkpoint_and_agree(tmp_path, shared_cache, ddp_strai
     assert not (results["fsdp2"].run_dir / "checkpoints" / "step_00000020" / "model.safetensors").exists()
     assert (results["deepspeed"].checkpoint_dir / "deepspeed" / "state").is_dir()
     ddp = _weights(results["ddp"])
-    for other in ("fsdp2", "deepspeed"):
-        assert _max_diff(ddp, _weights(results[other])) < 1e-4, other
+    # round-off only: the default recipe's consistency residual divides by delta = 0.01, so it carries the strategies'
+    # reduction-order differences about 100 times further than the plain form did (measured 1.37e-4 for fsdp2 and for
+    # deepspeed after 30 steps; the plain form stayed under 1e-4). A reference swap that left FSDP2's gathered root on
+    # the teacher's weights ended 0.05 away
+    diffs = {other: _max_diff(ddp, _weights(results[other])) for other in ("fsdp2", "deepspeed")}
+    assert all(d < 5e-4 for d in diffs.values()), diffs
     # training moved the weights (they are not all just the initial ones)
     assert results["ddp"].metrics["grad_norm"] > 0
 

@@ -205,8 +205,9 @@ class ApexConfig(_Section):
     correction_clamp: float = Field(1.0, gt=0)
     guidance_ratio: float | None = Field(
         None, ge=0.0, description="r (the released code's enhanced_ratio; CFG scale 1 + r): the real anchor's target becomes "
-        "(z - x) + r*(v_cond - v_uncond), both from the frozen base (LoRA) or the EMA, without gradient; default: the "
-        "teacher's guidance as r (pipelines), 0 without a pipeline")
+        "(z - x) + r*(v_cond - v_uncond), both from the frozen base (LoRA) or the EMA, without gradient, and every sub-step "
+        "of the consistency target takes the teacher's guided velocity (the family's CFG rule at r on its conditional and "
+        "negative-prompt calls); default: the teacher's guidance as r (pipelines), 0 without a pipeline")
     guidance_reference: Literal["auto", "frozen", "ema"] = Field(
         "auto", description="weights the guidance velocities come from: frozen (the initial weights, i.e. the teacher: the "
         "base with adapters disabled under LoRA, a kept copy of the trained parameters otherwise), ema (the EMA of the "

@@ -473,6 +473,10 @@ def reference_weights(strategy: Strategy, source: str = "auto", frozen: dict[str
     else:
         raise ValueError("objective.apex.guidance_ratio > 0 takes its guidance from the frozen base (model.lora.enabled=true or "
                          "objective.apex.guidance_reference=frozen) or the EMA (train.ema_decay > 0): enable one")
+    # FSDP2 keeps a module's all-gathered parameters between forwards (the root's until its backward) and registers
+    # them in place of the shards: the swap writes the shards, so every module is resharded first (the next forward
+    # gathers the swapped values) and again before the restore (no gathered copy of the reference outlives it)
+    _reshard(backbone)
     params = dict(backbone.named_parameters())
     saved = {}
     with torch.no_grad():
@@ -482,9 +486,19 @@ def reference_weights(strategy: Strategy, source: str = "auto", frozen: dict[str
     try:
         yield
     finally:
+        _reshard(backbone)
         with torch.no_grad():
             for name, value in saved.items():
                 params[name].detach().copy_(value)
+
+
+def _reshard(module: torch.nn.Module) -> None:
+    """Free the all-gathered parameters of every FSDP2 module under ``module`` (nothing for other strategies)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def bind_reference(objective: torch.nn.Module, strategy: Strategy, frozen: dict[str, torch.Tensor] | None,
