@@ -92,7 +92,7 @@ def bench_size(preset: str, overrides: list[str], device: torch.device, batch: i
     from apexdistill.models.build import build_backbone
     from apexdistill.models.family import get_family
     from apexdistill.plan import Shapes, plan_memory
-    from apexdistill.train.loop import bind_reference, keep_initial_weights
+    from apexdistill.train.loop import wrap_with_reference
     from apexdistill.train.strategy import build_strategy
     from diffusers import DPMSolverMultistepScheduler
 
@@ -107,9 +107,7 @@ def bench_size(preset: str, overrides: list[str], device: torch.device, batch: i
     with torch.device(device):  # random init where it runs (a 1.6B init on the CPU alone takes tens of seconds)
         backbone = build_backbone(cfg.model, c, h, text_dim)
     strategy = build_strategy(cfg, 0, 1, device)
-    strategy.wrap(backbone.train(), build_objective(cfg.objective))
-    frozen = keep_initial_weights(cfg, backbone)  # the recipe's consistency target comes from the frozen teacher
-    bind_reference(strategy.objective, strategy, frozen)
+    frozen = wrap_with_reference(strategy, backbone.train(), build_objective(cfg.objective))  # the recipe's kept teacher
     frozen_mb = sum(t.numel() * t.element_size() for t in (frozen or {}).values()) / 2**20
     objectives = {"apex": strategy.objective, "fm": build_objective(build_config({}, [*common, "objective.name=fm"]).objective).to(device)}
     g = torch.Generator(device="cpu").manual_seed(0)

@@ -43,15 +43,14 @@ def _batch(n: int, gen: torch.Generator, shape: tuple[int, int, int, int] = DIGI
 def _setup(cfg, shape: tuple[int, int, int, int] = DIGITS_SHAPE, negative: dict | None = None):
     from apexdistill.method.base import build_objective
     from apexdistill.models.build import build_backbone
-    from apexdistill.train.loop import bind_reference, keep_initial_weights
+    from apexdistill.train.loop import wrap_with_reference
     from apexdistill.train.strategy import Strategy
 
     c, side, _, dim = shape
     backbone = build_backbone(cfg.model, c, side, dim)
     strategy = Strategy(cfg, 0, 1, torch.device(cfg.train.use_gpu and "cuda" or "cpu"))
-    strategy.wrap(backbone, build_objective(cfg.objective))
     # the recipe's frozen teacher, and the negative prompt's states for a guided target
-    bind_reference(strategy.objective, strategy, keep_initial_weights(cfg, backbone), negative)
+    wrap_with_reference(strategy, backbone, build_objective(cfg.objective), negative)
     return strategy
 
 

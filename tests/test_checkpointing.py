@@ -49,11 +49,10 @@ def _batch(n: int = 4, channels: int = 4, side: int = 8) -> dict[str, torch.Tens
 def _wrapped(cfg, backbone):
     """The strategy wrapped around the backbone and the objective, with its reference weights bound as the training loop
     does (the default apex recipe's consistency target comes from the frozen teacher)."""
-    from apexdistill.train.loop import bind_reference, keep_initial_weights
+    from apexdistill.train.loop import wrap_with_reference
 
     s = build_strategy(cfg, 0, 1, torch.device("cpu"))
-    s.wrap(backbone, build_objective(cfg.objective))
-    bind_reference(s.objective, s, keep_initial_weights(cfg, backbone))
+    wrap_with_reference(s, backbone, build_objective(cfg.objective))
     return s
 
 

@@ -17,7 +17,7 @@ from apexdistill.models.lora import apply_lora, count_parameters, has_lora, load
 from apexdistill.models.pipeline import META_FILE, load_pipeline_parts, pipeline_model_config, save_pipeline
 from apexdistill.models.text import TextEncoder, minilm_path
 from apexdistill.models.vae import PixelSpace, Vae, build_vae, tiny_vae_config
-from apexdistill.train.loop import bind_reference, keep_initial_weights
+from apexdistill.train.loop import wrap_with_reference
 from apexdistill.train.strategy import build_strategy
 
 FAMILIES = ["sana", "qwenimage"]
@@ -126,9 +126,7 @@ def test_objective_forward_backward(objective_name, family, lora):
     backbone = build_backbone(cfg.model, 1, 16, TEXT_DIM).train()
     objective = build_objective(cfg.objective)
     # as the worker loop does: the default apex recipe's consistency target comes from the frozen teacher
-    strategy = build_strategy(cfg, 0, 1, torch.device("cpu"))
-    strategy.wrap(backbone, objective)
-    bind_reference(objective, strategy, keep_initial_weights(cfg, backbone))
+    wrap_with_reference(build_strategy(cfg, 0, 1, torch.device("cpu")), backbone, objective)
     x, _, text, mask = inputs(4, 1, 16)
     batch = {"x": x.clamp(-1, 1), "text": text, "text_mask": mask}
 

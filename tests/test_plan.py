@@ -19,7 +19,7 @@ from apexdistill.plan import (
     measure_peak_bytes,
     plan_memory,
 )
-from apexdistill.train.loop import bind_reference, keep_initial_weights
+from apexdistill.train.loop import wrap_with_reference
 from apexdistill.train.strategy import build_strategy
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,8 +72,7 @@ def _measured_peak(cfg) -> int:
         torch.manual_seed(0)
         backbone = build_backbone(cfg.model, c, h, shapes.text_dim).train()
         strategy = build_strategy(cfg, 0, 1, torch.device("cpu"))
-        strategy.wrap(backbone, build_objective(cfg.objective))
-        bind_reference(strategy.objective, strategy, keep_initial_weights(cfg, backbone))  # as the worker loop does
+        wrap_with_reference(strategy, backbone, build_objective(cfg.objective))  # as the worker loop does
         for _ in range(2):
             loss, _ = strategy.objective.loss(strategy.model, batch, 1000)
             strategy.backward(loss)
@@ -207,8 +206,7 @@ def test_the_planned_bank_is_the_bytes_a_filled_bank_holds():
     backbone = build_backbone(cfg.model, 1, 16, text_dim).train()
     strategy = build_strategy(cfg, 0, 1, torch.device("cpu"))
     objective = build_objective(cfg.objective)
-    strategy.wrap(backbone, objective)
-    bind_reference(objective, strategy, keep_initial_weights(cfg, backbone))
+    wrap_with_reference(strategy, backbone, objective)
     g = torch.Generator().manual_seed(1)
     for step in range(4):  # 4 generator rows a step: full after 4 steps
         batch = {"x": torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, "text": torch.randn(n, text_len, text_dim, generator=g),

@@ -25,7 +25,7 @@ def distill_digits(cfg: Config, text: Tensor, mask: Tensor, steps: int, batch_si
     from apexdistill.data.digits import load_digits_split
     from apexdistill.method.base import build_objective
     from apexdistill.models.build import build_backbone
-    from apexdistill.train.loop import bind_reference, keep_initial_weights, lr_factor
+    from apexdistill.train.loop import lr_factor, wrap_with_reference
     from apexdistill.train.strategy import build_strategy
 
     split = load_digits_split("train", cfg.data.resolution, cfg.data.test_fraction, cfg.data.split_seed)
@@ -33,8 +33,7 @@ def distill_digits(cfg: Config, text: Tensor, mask: Tensor, steps: int, batch_si
     backbone = build_backbone(cfg.model, 1, cfg.data.resolution, text.shape[-1])
     objective = build_objective(cfg.objective)
     strategy = build_strategy(cfg, 0, 1, torch.device("cpu"))
-    strategy.wrap(backbone, objective)
-    bind_reference(objective, strategy, keep_initial_weights(cfg, backbone))
+    wrap_with_reference(strategy, backbone, objective)
     rows = torch.Generator().manual_seed(cfg.run.seed + 7)
     torch.manual_seed(cfg.run.seed + 1)
     trained = 0.0

@@ -514,6 +514,18 @@ def bind_reference(objective: torch.nn.Module, strategy: Strategy, frozen: dict[
                            guide=get_family(strategy.cfg.model.backbone).guided_velocity)  # the teacher's own CFG rule
 
 
+def wrap_with_reference(strategy: Strategy, backbone: torch.nn.Module, objective: torch.nn.Module,
+                        negative: dict[str, list] | None = None) -> dict[str, torch.Tensor] | None:
+    """Wrap the backbone and the objective in the strategy, keep the teacher's weights where a target needs them (a copy
+    of the trained parameters as they start, shards under FSDP2; None under LoRA or without such a target) and bind the
+    objective's reference weights and negative embedding. Call it before a checkpoint is loaded. Returns the kept
+    weights."""
+    strategy.wrap(backbone, objective)
+    frozen = keep_initial_weights(strategy.cfg, backbone)
+    bind_reference(objective, strategy, frozen, negative)
+    return frozen
+
+
 def keep_initial_weights(cfg: Config, backbone: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """A copy of the trained parameters as they start (the teacher's), when guidance needs them."""
     from apexdistill.models.lora import has_lora
@@ -548,10 +560,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: Any = None) -> N
     if cfg.train.batch_size % objective.batch_multiple:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of {objective.batch_multiple} for {objective.name}")
     strategy = build_strategy(cfg, rank, world, device)
-    strategy.wrap(backbone, objective)
-    frozen = keep_initial_weights(cfg, backbone)  # before a checkpoint is loaded: the teacher's weights (shards under FSDP2)
-    negative = loop_config.get("negative")
-    bind_reference(objective, strategy, frozen, negative)
+    wrap_with_reference(strategy, backbone, objective, loop_config.get("negative"))  # before a checkpoint is loaded
     torch.manual_seed(cfg.run.seed + 1000 * rank)  # then different noise on every rank
 
     from apexdistill.tracking import RunLogger
