@@ -877,6 +877,32 @@ def test_every_objective_trains(name):
     assert sum(g.abs().sum() for g in gs) > 0
 
 
+def test_regression_trains_on_a_synthesized_caches_stored_pairs():
+    """A batch with ``z`` (a data.source=teacher cache): the target is the stored x from that z, no teacher call
+    (the model is called once, on z at T_START); regression.pairs=teacher_ode solves the bank as before."""
+    from apexdistill.method.sampler import T_START
+
+    batch = make_batch(6, dtype=torch.float32)
+    batch["z"] = torch.randn_like(batch["x"])
+    calls = []
+
+    class Counted(ToyVelocity):
+        def forward(self, x, t, text, mask=None, target_t=None):
+            calls.append(float(t[0]))
+            return super().forward(x, t, text, mask)
+
+    model = Counted()
+    loss, metrics = make_objective("regression", regression={"teacher_nfe": 4, "bank_size": 8}).loss(model, batch)
+    assert calls == [pytest.approx(T_START)] and metrics["bank_rows"] == 0
+    with torch.no_grad():
+        t = torch.full((6,), T_START)
+        expected = ((batch["z"] - T_START * ToyVelocity.forward(model, batch["z"], t, batch["text"], batch["text_mask"]) - batch["x"]) ** 2).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    calls.clear()
+    _, metrics = make_objective("regression", regression={"teacher_nfe": 4, "bank_size": 8, "pairs": "teacher_ode"}).loss(model, batch)
+    assert metrics["bank_rows"] == 6 and len(calls) == 4 + 1  # the teacher copy's 4 Euler steps into the bank, then the student
+
+
 # ----------------------------------------------------------------------------- sampler and EMA
 
 

@@ -57,8 +57,10 @@ class RunConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["digits", "imagefolder", "parquet"] = Field(
-        "digits", description="digits (built-in), imagefolder (images + metadata.jsonl/.csv), parquet (image bytes + captions)"
+    source: Literal["digits", "imagefolder", "parquet", "teacher"] = Field(
+        "digits", description="digits (built-in), imagefolder (images + metadata.jsonl/.csv), parquet (image bytes + captions), "
+        "teacher (no images: the teacher in model.path samples data.samples_per_prompt images of each of data.prompts, "
+        "`apexdistill synthesize`)"
     )
     path: str | None = Field(None, description="local folder/file or fsspec URI of an imagefolder or parquet source")
     resolution: int = Field(16, ge=8, le=1024, description="square side length in pixels (without data.buckets); with "
@@ -86,18 +88,39 @@ class DataConfig(_Section):
     vae_actor_cpus: float = Field(0.5, gt=0)
     vae_actor_gpus: float = Field(0.0, ge=0)
     in_memory_max_mb: float = Field(1024, ge=0, description="training shards up to this size are read once into RAM; larger ones stream")
+    prompts: str | None = Field(None, description="data.source=teacher: the prompts to synthesize from: a text file (one a "
+                                "line), a JSONL (prompt, tags) or Parquet file (#column), local or fsspec, or a built-in set "
+                                "(builtin:digits, the ten digit captions; builtin:compositional); default builtin:digits "
+                                "without a pipeline, builtin:compositional with one")
+    samples_per_prompt: int = Field(1, ge=1, description="data.source=teacher: images the teacher samples per prompt, each "
+                                    "from its own seeded noise")
+    seed: int = Field(0, description="data.source=teacher: the noise seed; image (prompt p, sample k) starts from its own "
+                      "seed of (seed, p, k), whatever the batching or the actors")
+    actors: int = Field(1, ge=1, description="data.source=teacher: teacher actors in the Ray Data pool (a GPU each with "
+                        "data.actor_gpus=1 on a cluster)")
+    actor_cpus: float = Field(0.5, gt=0, description="data.source=teacher: CPUs per teacher actor")
+    actor_gpus: float = Field(0.0, ge=0, description="data.source=teacher: GPUs per teacher actor")
+    shard_rows: int = Field(256, ge=1, description="data.source=teacher: rows per shard, the unit a synthesis writes, resumes "
+                            "by and hands to one actor (a Parquet file each)")
     actor_max_restarts: int = Field(0, ge=-1, description="restarts of a failed encoder actor (-1 = unlimited, for preemptible "
                                     "nodes); 0 fails the build, which publishes nothing, so a rerun starts clean (Ray prints an "
                                     "error-level line about restartable actors otherwise)")
 
     @model_validator(mode="after")
     def _source_path(self) -> "DataConfig":
-        if self.source != "digits" and not self.path:
+        if self.source in ("imagefolder", "parquet") and not self.path:
             raise ValueError(f"data.path is required when data.source='{self.source}' (a local folder or an fsspec URI)")
-        if self.source == "digits" and self.path:
-            raise ValueError("data.path is only used by data.source='imagefolder' or 'parquet'; the built-in digits need none")
-        if self.buckets is not None and self.source == "digits":
-            raise ValueError("data.buckets is for data.source='imagefolder' or 'parquet': the built-in digits are all square")
+        if self.source in ("digits", "teacher") and self.path:
+            raise ValueError(f"data.path is only used by data.source='imagefolder' or 'parquet'; data.source='{self.source}' needs none"
+                             + (" (its prompts are data.prompts)" if self.source == "teacher" else ""))
+        if self.buckets is not None and self.source in ("digits", "teacher"):
+            raise ValueError(f"data.buckets is for data.source='imagefolder' or 'parquet': data.source='{self.source}' is all square")
+        if self.source == "teacher" and self.limit is not None:
+            raise ValueError("data.limit takes the first N rows of an image source; data.source='teacher' samples "
+                             "data.samples_per_prompt images of each of data.prompts: shorten the prompt file instead")
+        if self.prompts is not None and self.source != "teacher":
+            raise ValueError(f"data.prompts is what data.source='teacher' synthesizes from; data.source is '{self.source}' "
+                             "(evaluation prompts are eval.prompts)")
         if isinstance(self.buckets, list):
             if not self.buckets:
                 raise ValueError("data.buckets is an empty list: give [height, width] pairs, 'sana', or leave it unset")
@@ -135,6 +158,8 @@ class TextEncoderConfig(_Section):
 
 
 class TeacherConfig(_Section):
+    nfe: int | None = Field(None, ge=1, description="steps of the multi-step teacher with its own scheduler, where it "
+                            "writes data (data.source=teacher); default eval.teacher_nfe")
     guidance_scale: float | None = Field(None, ge=0.0, description="CFG scale of the multi-step teacher, in the pipeline's own "
                                          "convention; default the pipeline's (Sana 4.5, Qwen-Image 4.0), 1 (off) without a "
                                          "pipeline; Z-Image must state it (Turbo 0.0, the base model 5.0)")
@@ -333,6 +358,10 @@ class TwinflowConfig(_Section):
 class RegressionConfig(_Section):
     teacher_nfe: int = Field(16, ge=1, description="Euler steps of the teacher ODE endpoint")
     bank_size: int = Field(2048, ge=1, description="noise/endpoint pairs generated once and reused")
+    pairs: Literal["auto", "teacher_ode"] = Field(
+        "auto", description="auto: a cache that stores each row's initial noise z (data.source=teacher) trains on its stored "
+        "(z, x0) pairs, DiffSynth's Direct Distill (no teacher call in training); otherwise, and always with teacher_ode, the "
+        "pairs are solved with teacher_nfe Euler steps into the bank")
 
 
 class ObjectiveConfig(_Section):
@@ -496,6 +525,9 @@ class Config(_Section):
                              f"batch into a generator and a real-anchor group: train.batch_size must be at least 2, got "
                              f"{self.train.batch_size} (or set objective.apex.generator_fraction=1: every row does both, "
                              "three gradient passes a row)")
+        if self.data.source == "teacher" and not self.model.path:
+            raise ValueError("data.source='teacher' samples its training set from the teacher: set model.path to a stock "
+                             "pipeline folder (or 'builtin:teacher', the shipped digits teacher)")
         if self.objective.name == "twinflow":
             if self.objective.shift.learnable:
                 raise ValueError("objective.name='twinflow' uses a fixed condition shift: set objective.shift.learnable=false")

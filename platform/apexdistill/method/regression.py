@@ -4,6 +4,11 @@ The "regression-based distillation" baseline of the paper. The teacher is a froz
 model at the first call (students start from the teacher). Its Euler endpoints are expensive, so a
 bank of (noise, condition, endpoint) triples is filled from the first batches and then reused:
 ``bank_size / batch`` steps pay ``teacher_nfe`` extra passes each, the rest cost one pass.
+
+A synthesized cache (``data.source: teacher``, ``data/synthesize.py``) stores each row's initial noise ``z`` next
+to the teacher's sample ``x`` it was solved into, with the teacher's own scheduler and CFG: with
+``regression.pairs: auto`` those stored pairs are the targets (DiffSynth's "Direct Distill"), and no teacher
+call is made in training at all.
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ class Regression(Objective):
 
     def loss(self, model: nn.Module, batch: Batch, step: int = 0) -> tuple[Tensor, dict[str, float]]:
         n = batch["x"].shape[0]
+        if "z" in batch and self.cfg.regression.pairs == "auto":  # the stored (z, x0) pairs of a synthesized cache
+            z, target = batch["z"], batch["x"]
+            t = torch.full((n,), T_START, device=z.device, dtype=z.dtype)
+            loss = mse(z - T_START * model(z, t, batch["text"], batch.get("text_mask")), target).mean()
+            return loss, scalar_metrics(loss=loss, loss_regression=loss, bank_rows=0)
         if self._bank_rows < self.cfg.regression.bank_size:
             self._grow_bank(model, batch)
         z, c, mask, target = (torch.cat(self._bank[k]) for k in ("z", "text", "mask", "x"))
