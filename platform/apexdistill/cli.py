@@ -93,17 +93,35 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
+    return _build_cache(args, synthesize=False)
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    return _build_cache(args, synthesize=True)
+
+
+def _build_cache(args: argparse.Namespace, synthesize: bool) -> int:
+    """`preprocess` and `synthesize`: the cache of a config, built or found (`run_preprocess` hands a data.source=teacher
+    config to the synthesis)."""
     from apexdistill.config import load_config
     from apexdistill.data.preprocess import run_preprocess
 
     cfg = load_config(args.config, _common_overrides(args))
+    if synthesize:
+        if cfg.data.source != "teacher":
+            raise SystemExit(f"apexdistill synthesize: data.source is '{cfg.data.source}' in {args.config}: set "
+                             "data.source=teacher (and model.path, data.prompts) to have the teacher write the training set")
+        from apexdistill.data.synthesize import TeacherSource
+
+        TeacherSource(cfg)  # the prompts and the teacher folder checked before Ray starts
     from apexdistill.train.driver import connect
 
     connect(cfg, args.address)
     info = run_preprocess(cfg, force=args.force)
-    state = "hit (nothing encoded)" if info.hit else "built"
-    print(f"[preprocess] {state}: {info.rows} rows, {info.rejected} rejected, {info.truncated} truncated captions")
-    print(f"[preprocess] cache: {info.uri}")
+    tag, done, texts = ("synthesize", "sampled", "prompts") if synthesize else ("preprocess", "encoded", "captions")
+    print(f"[{tag}] {'hit (nothing ' + done + ')' if info.hit else 'built'}: {info.rows} rows, {info.rejected} rejected, "
+          f"{info.truncated} truncated {texts}")
+    print(f"[{tag}] cache: {info.uri}")
     return 0
 
 
@@ -359,13 +377,23 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
     w.set_defaults(fn=_cmd_sweep)
 
-    pp = sub.add_parser("preprocess", help="cache text embeddings and latents with Ray Data (Parquet under data.cache_uri)")
-    pp.add_argument("-c", "--config", default=None, help="YAML config (default: the built-in digits, pixel space)")
-    pp.add_argument("--force", action="store_true", help="rebuild even when a complete cache exists")
-    pp.add_argument("--workdir", default=None, help="overrides run.workdir (the default cache is <workdir>/cache)")
-    pp.add_argument("--address", default=None, help="Ray cluster address (default: local, or RAY_ADDRESS)")
-    pp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.resolution=32")
-    pp.set_defaults(fn=_cmd_preprocess)
+    for name, fn, help_, config, force, example in (
+        ("preprocess", _cmd_preprocess, "cache text embeddings and latents with Ray Data (Parquet under data.cache_uri)",
+         dict(default=None, help="YAML config (default: the built-in digits, pixel space)"),
+         "rebuild even when a complete cache exists", "data.resolution=32"),
+        ("synthesize", _cmd_synthesize, "data-free: the teacher samples the training set from a prompt list (data.source="
+         "teacher), Ray Data batch inference into the same Parquet cache; resumes where it stopped",
+         dict(required=True, help="YAML config with data.source: teacher, model.path and data.prompts"),
+         "sample again even when a complete cache exists (it stays until the new one is published)",
+         "data.samples_per_prompt=4 teacher.nfe=20"),
+    ):
+        cp = sub.add_parser(name, help=help_)
+        cp.add_argument("-c", "--config", **config)
+        cp.add_argument("--force", action="store_true", help=force)
+        cp.add_argument("--workdir", default=None, help="overrides run.workdir (the default cache is <workdir>/cache)")
+        cp.add_argument("--address", default=None, help="Ray cluster address (default: local, or RAY_ADDRESS)")
+        cp.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
+        cp.set_defaults(fn=fn)
 
     e = sub.add_parser("evaluate", help="score a run's checkpoint at 1/2/4 NFE (digits: accuracy and FD proxy; pipelines: FD "
                                          "to the teacher, CLIP score, diversity and end-to-end ms/image over a prompt set)")

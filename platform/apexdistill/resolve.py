@@ -52,6 +52,10 @@ def resolve_defaults(cfg: "Config", source: str = "<config>") -> "Config":
             "teacher.guidance_scale": 1.0 if cfg.teacher.guidance_scale is None else cfg.teacher.guidance_scale,
             "objective.apex.guidance_ratio": cfg.objective.apex.guidance_ratio or 0.0,
         }
+        if cfg.data.source == "teacher" and cfg.data.channels is None and not cfg.vae.path and (
+                cfg.model.path.startswith("builtin:") or Path(cfg.model.path).expanduser().exists()):
+            # (a folder that is not here, a cluster's path, is checked where the synthesis runs: TeacherSource)
+            updates["data.channels"] = _teacher_pixel_channels(cfg.model.path, source)
     for key, value in updates.items():
         _set_dotted(tree, key, value)
     try:
@@ -66,6 +70,23 @@ def resolve_defaults(cfg: "Config", source: str = "<config>") -> "Config":
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"invalid config ({source}): {exc}") from None
     return resolved
+
+
+def _teacher_pixel_channels(path: str | None, source: str) -> int:
+    """A pixel-space teacher that writes the data (data.source=teacher, no VAE): its images have the transformer's
+    input channels (the shipped digits teacher's 1)."""
+    import json
+
+    from apexdistill.assets import resolve_model_path
+    from apexdistill.models.build import resolve_transformer_folder
+
+    try:
+        folder = resolve_transformer_folder(resolve_model_path(path))
+        return int(json.loads((Path(folder) / "config.json").read_text())["in_channels"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"invalid config ({source}):\n  - model.path: '{path}' is neither a stock pipeline folder (no "
+                          f"model_index.json) nor a transformer folder with an in_channels in its config.json: data.source="
+                          f"'teacher' cannot sample from it ({exc})") from None
 
 
 def conditioning_record(cfg: Config) -> dict[str, Any]:

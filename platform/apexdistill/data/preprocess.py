@@ -440,14 +440,14 @@ def build_dataset(cfg: Config, spec: CacheSpec, plan: SourcePlan, stats: Any, ba
     return ds
 
 
-def _actor_death_line(cfg: Config) -> Callable[[int, str], None]:
+def _actor_death_line(cfg: Config, tag: str = "preprocess", stops: str = "publishes nothing") -> Callable[[int, str], None]:
     """What the console says when one of the build's Ray processes dies (an encoder actor killed, out of memory)."""
     restarts = cfg.data.actor_max_restarts
 
     def say(pid: int, exit_type: str) -> None:
         then = ("Ray Data restarts it and retries its rows" + (f" (data.actor_max_restarts={restarts})" if restarts > 0 else "")
-                if restarts else "the build stops and publishes nothing (data.actor_max_restarts=0)")
-        print(f"[preprocess] a worker of the build died: {process_died(pid, exit_type)}; {then}", flush=True)
+                if restarts else f"the build stops and {stops} (data.actor_max_restarts=0)")
+        print(f"[{tag}] a worker of the build died: {process_died(pid, exit_type)}; {then}", flush=True)
 
     return say
 
@@ -461,7 +461,7 @@ def _actor_died(exc: BaseException) -> bool:
     return False
 
 
-def _progress_line(stats: Any, total: int, interval: float = 5.0) -> Any:
+def _progress_line(stats: Any, total: int, interval: float = 5.0, tag: str = "preprocess", verb: str = "encoded") -> Any:
     """A steady line while the Ray Data job runs: rows encoded, rows/s and ETA, every ``interval`` s."""
     from apexdistill.console import Periodic
 
@@ -475,7 +475,7 @@ def _progress_line(stats: Any, total: int, interval: float = 5.0) -> Any:
         if done == 0:  # the actors are still loading their encoders
             return
         rate = done / max(time.time() - started, 1e-9)
-        print(f"[preprocess] encoded {done}/{total} rows | {rate:.0f} rows/s | ETA {(total - done) / rate:.0f}s", flush=True)
+        print(f"[{tag}] {verb} {done}/{total} rows | {rate:.{0 if rate >= 10 else 1}f} rows/s | ETA {(total - done) / rate:.0f}s", flush=True)
 
     return Periodic(report, interval)
 
@@ -605,22 +605,34 @@ def _check_rejects(cfg: Config, store: CacheStore, spec: CacheSpec, rejects: lis
     )
 
 
+def find_cache(cfg: Config, source: Any, force: bool, started: float, tag: str = "preprocess",
+               nothing: str = "nothing encoded") -> tuple[CacheSpec, CacheStore, CacheInfo | None]:
+    """The key of ``source``'s cache, its store, and the complete cache already there (None: build it, or ``force``)."""
+    spec = cache_spec(cfg, source)
+    store = CacheStore(default_cache_uri(cfg))
+    manifest = None if force else store.read_manifest(spec.key)
+    if manifest is None:
+        return spec, store, None
+    info = _info_from_manifest(store, spec.key, manifest, hit=True, seconds=time.time() - started)
+    print(f"[{tag}] cache hit: {info.uri} ({info.rows} rows; {nothing})", flush=True)
+    return spec, store, info
+
+
 def run_preprocess(cfg: Config, force: bool = False, *, on_written: Callable[[str], None] | None = None) -> CacheInfo:
     """Build (or find) the cache for ``cfg``. ``force`` rebuilds even when a complete cache exists;
     a failed rebuild leaves the old cache as it was.
 
     ``on_written(tmp_uri)`` runs after the data files are written and before the manifest: a hook
     for tests that simulate a crash in the writer step."""
+    if cfg.data.source == "teacher":  # no images: the teacher writes the set (data/synthesize.py)
+        from apexdistill.data.synthesize import run_synthesize
+
+        return run_synthesize(cfg, force=force)
     started = time.time()
     source = build_source(cfg.data)
-    spec = cache_spec(cfg, source)
-    store = CacheStore(default_cache_uri(cfg))
-    if not force:
-        manifest = store.read_manifest(spec.key)
-        if manifest is not None:
-            info = _info_from_manifest(store, spec.key, manifest, hit=True, seconds=time.time() - started)
-            print(f"[preprocess] cache hit: {info.uri} ({info.rows} rows; nothing encoded)", flush=True)
-            return info
+    spec, store, hit = find_cache(cfg, source, force, started)
+    if hit is not None:
+        return hit
 
     print(f"[preprocess] {'rebuilding (--force)' if force else 'building'}: {source.describe()} -> {store.to_uri(store.path(spec.key))}", flush=True)
     removed = store.cleanup_incomplete(spec.key)
@@ -738,6 +750,8 @@ def _cache_columns(manifest: dict[str, Any], columns: Sequence[str] | None) -> l
     cols = list(columns) if columns is not None else None
     if cols is not None and manifest.get("buckets") and "bucket" not in cols:
         cols.append("bucket")  # training draws each batch from one bucket
+    if cols is not None and "x" in cols and "z" in manifest["columns"] and "z" not in cols:
+        cols.append("z")  # a synthesized cache: each x's initial noise (regression's stored pairs)
     return cols
 
 
@@ -786,7 +800,7 @@ def distinct_captions(uri: str, limit: int, with_states: bool = False) -> list[d
 
 def load_cache_tensors(uri: str) -> dict[str, Any]:
     """A (small) cache -> torch tensors in ``row_id`` order: x, text, text_mask, label (tensors) and
-    caption, row_id (lists). No Ray needed. With buckets, ``x`` is a list of (C, h, w) tensors (each
+    caption, row_id (lists), and z (a synthesized cache's noise). No Ray needed. With buckets, ``x`` is a list of (C, h, w) tensors (each
     row its bucket's shape) and ``bucket`` a tensor of bucket indices."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -815,6 +829,8 @@ def load_cache_tensors(uri: str) -> dict[str, Any]:
         "text": tensor("text"), "text_mask": tensor("text_mask"), "label": tensor("label"),
         "caption": [captions[i] for i in order], "row_id": [row_ids[i] for i in order],
     }
+    if "z" in table.column_names:  # a synthesized cache: each x's initial noise
+        out["z"] = tensor("z")
     if manifest.get("buckets"):
         rows = [a for chunk in table.column("x").chunks for a in _tensor_rows(chunk)]
         out["x"] = [torch.from_numpy(np.ascontiguousarray(rows[i])) for i in order]
