@@ -114,7 +114,8 @@ class DataConfig(_Section):
             raise ValueError(f"data.path is only used by data.source='imagefolder' or 'parquet'; data.source='{self.source}' needs none"
                              + (" (its prompts are data.prompts)" if self.source == "teacher" else ""))
         if self.buckets is not None and self.source in ("digits", "teacher"):
-            raise ValueError(f"data.buckets is for data.source='imagefolder' or 'parquet': data.source='{self.source}' is all square")
+            what = "the built-in digits are" if self.source == "digits" else "the teacher's samples are at data.resolution,"
+            raise ValueError(f"data.buckets is for data.source='imagefolder' or 'parquet': {what} all square")
         if self.source == "teacher" and self.limit is not None:
             raise ValueError("data.limit takes the first N rows of an image source; data.source='teacher' samples "
                              "data.samples_per_prompt images of each of data.prompts: shorten the prompt file instead")
