@@ -799,9 +799,9 @@ def distinct_captions(uri: str, limit: int, with_states: bool = False) -> list[d
 
 
 def load_cache_tensors(uri: str) -> dict[str, Any]:
-    """A (small) cache -> torch tensors in ``row_id`` order: x, text, text_mask, label (tensors) and
-    caption, row_id (lists), and z (a synthesized cache's noise). No Ray needed. With buckets, ``x`` is a list of (C, h, w) tensors (each
-    row its bucket's shape) and ``bucket`` a tensor of bucket indices."""
+    """A (small) cache -> torch tensors in ``row_id`` order: x, text, text_mask, label (tensors), caption,
+    row_id (lists), and z when the cache has it (a synthesized cache's noise). No Ray needed. With buckets,
+    ``x`` is a list of (C, h, w) tensors (each row its bucket's shape) and ``bucket`` a tensor of bucket indices."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
