@@ -5,6 +5,7 @@ CLI (text and --json), and `train` refusing a GPU run that cannot fit before any
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -166,10 +167,24 @@ def test_plan_of_a_published_preset_as_typed_brings_its_own_run(capsys):
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plan["resolution"] == 1024 and plan["precision"] == "bf16" and plan["strategy"] == "fsdp2" and plan["workers"] == 8
     assert plan["device"] == "cuda" and plan["latent"] == [32, 32, 32]
-    assert any("assumed for sana-1.6b" in n and "data.resolution=1024" in n for n in plan["notes"])
+    # the paper's micro batch 4 at global batch 64 (8 x 4 x 2), not the digits' 128 a rank; and it fits an 80 GB GPU
+    assert (plan["batch_size"], plan["grad_accum_steps"]) == (4, 2) and plan["fits"]
+    assert any("assumed for sana-1.6b" in n and "data.resolution=1024" in n and "train.batch_size=4" in n for n in plan["notes"])
     assert main(["plan", "--json", "model.preset=sana-1.6b", "data.resolution=512", "train.num_workers=2", "train.strategy=ddp"]) == 0
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plan["resolution"] == 512 and plan["strategy"] == "ddp" and plan["workers"] == 2 and plan["precision"] == "bf16"
+    assert (plan["batch_size"], plan["grad_accum_steps"]) == (4, 8)  # still global 64 on the user's 2 workers
+    assert main(["plan", "--json", "model.preset=sana-1.6b", "train.batch_size=16"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (plan["batch_size"], plan["grad_accum_steps"]) == (16, 1)
+    # a published architecture that does not fit as typed says what would, each re-planned
+    assert main(["plan", "model.backbone=qwenimage", "model.preset=qwenimage-20b"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit train.gpu_memory_gb=80" in out and "change one of (each re-planned):" in out
+    assert re.search(r"train\.gradient_checkpointing=true model\.lora\.enabled=true .*GB per GPU \(fits\)", out), out
+    # its name under the default family names the family it belongs to
+    assert main(["plan", "model.preset=qwenimage-20b"]) == 2
+    assert "set model.backbone=qwenimage" in capsys.readouterr().err
     assert main(["plan", "model.preset=tiny"]) == 0  # the sized presets keep the digits' defaults
     assert "assumed" not in capsys.readouterr().out
 

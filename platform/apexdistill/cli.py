@@ -60,7 +60,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import yaml
 
     from apexdistill.config import flatten, load_config, parse_override
-    from apexdistill.plan import format_plan, plan_memory, published_assumptions
+    from apexdistill.plan import alternative_lines, format_plan, plan_memory, published_assumptions
 
     cfg = load_config(args.config, list(args.overrides))
     explicit = {parse_override(o)[0] for o in args.overrides}
@@ -73,7 +73,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if assumed:
         plan.notes.insert(0, f"assumed for {cfg.model.preset} (not set in the config; set them to change): "
                              + ", ".join(f"{k}={json.dumps(v)}" for k, v in assumed.items()))
-    print(json.dumps(plan.as_dict()) if args.json else format_plan(plan))
+    if args.json:
+        print(json.dumps(plan.as_dict()))
+        return 0
+    print(format_plan(plan))
+    if not plan.fits:
+        print("change one of (each re-planned):", *alternative_lines(cfg), sep="\n")
     return 0
 
 

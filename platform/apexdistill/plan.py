@@ -226,6 +226,9 @@ def config_shapes(cfg: Config) -> Shapes:
 
 
 #: what a run of a published architecture is, where the config leaves these at the built-in digits' defaults
+PUBLISHED_MICRO_BATCH, PUBLISHED_GLOBAL_BATCH = 4, 64  # APEX's reference configs (APEX_METHOD.md, "Headline numbers")
+
+
 def published_assumptions(cfg: Config, explicit: set[str]) -> dict[str, Any]:
     """For ``model.preset`` = a published architecture (no model.path): its native resolution, bf16 on GPUs and FSDP2 on
     one 8-GPU node, for each of those keys the config does not set itself (``explicit``: the dotted keys it sets)."""
@@ -238,6 +241,11 @@ def published_assumptions(cfg: Config, explicit: set[str]) -> dict[str, Any]:
             "train.strategy": "fsdp2", "train.num_workers": 8}
     if {"train.strategy", "train.num_workers"} & explicit:  # a parallel setup of the user's own: keep it whole
         want = {k: v for k, v in want.items() if k not in ("train.strategy", "train.num_workers")}
+    if not {"train.batch_size", "train.grad_accum_steps"} & explicit:
+        # the paper's reference recipe: micro batch 4, global batch 64 (the digits' 128 a rank is not a 1024 px batch)
+        workers = want.get("train.num_workers", cfg.train.num_workers) or 1
+        want.update({"train.batch_size": PUBLISHED_MICRO_BATCH,
+                     "train.grad_accum_steps": max(1, PUBLISHED_GLOBAL_BATCH // (PUBLISHED_MICRO_BATCH * workers))})
     return {k: v for k, v in want.items() if k not in explicit}
 
 
@@ -469,6 +477,8 @@ def alternatives(cfg: Config) -> list[tuple[str, Plan]]:
     if not t.gradient_checkpointing and t.batch_size > 1:
         options.append(["train.gradient_checkpointing=true", f"train.batch_size={max(1, t.batch_size // 2)}",
                         f"train.grad_accum_steps={2 * t.grad_accum_steps}"])
+    if not t.gradient_checkpointing and not cfg.model.lora.enabled:  # the paper's Qwen-Image 20B run needs both
+        options.append(["train.gradient_checkpointing=true", "model.lora.enabled=true", "model.lora.rank=64", "model.lora.alpha=64"])
     out = []
     for overrides in options:
         try:
@@ -488,10 +498,14 @@ def check_plan_fits(cfg: Config) -> Plan | None:
         return plan
     lines = [f"train: the memory plan needs {plan.per_gpu_gb:.1f} GB per GPU, more than {USABLE_FRACTION:.0%} of "
              f"train.gpu_memory_gb={cfg.train.gpu_memory_gb:g} ({_components(plan)}; `apexdistill plan` shows it all). "
-             "Change one of:"]
-    for overrides, alt in alternatives(cfg):
-        lines.append(f"  {overrides}: {alt.per_gpu_gb:.1f} GB per GPU ({'fits' if alt.fits else 'still too much'})")
+             "Change one of:", *alternative_lines(cfg)]
     raise ConfigError("\n".join(lines))
+
+
+def alternative_lines(cfg: Config) -> list[str]:
+    """One line per alternative that ``alternatives`` re-planned: the overrides and what they need per GPU."""
+    return [f"  {overrides}: {alt.per_gpu_gb:.1f} GB per GPU ({'fits' if alt.fits else 'still too much'})"
+            for overrides, alt in alternatives(cfg)]
 
 
 def _components(plan: Plan) -> str:

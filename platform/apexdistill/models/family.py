@@ -281,7 +281,9 @@ class Family:
 
     def check_preset(self, preset: str) -> None:
         if preset not in self.preset_names():
-            raise ValueError(f"model.preset: unknown preset '{preset}' for {self.name}; choose one of {self.preset_names()}")
+            owner = next((f.name for f in all_families() if preset in f.published_presets), None)
+            hint = f" ('{preset}' is a {owner} architecture: set model.backbone={owner})" if owner else ""
+            raise ValueError(f"model.preset: unknown preset '{preset}' for {self.name}; choose one of {self.preset_names()}{hint}")
 
     def preset_config(self, preset: str, in_channels: int, sample_size: int, text_dim: int, target_time: bool = False) -> dict[str, Any]:
         """The transformer's config kwargs for ``model.preset``: a published architecture as published
