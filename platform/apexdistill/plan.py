@@ -225,13 +225,14 @@ def config_shapes(cfg: Config) -> Shapes:
     return Shapes(latent=(channels, res // down, res // down), text_len=text_len, text_dim=text_dim, notes=notes)
 
 
-#: what a run of a published architecture is, where the config leaves these at the built-in digits' defaults
 PUBLISHED_MICRO_BATCH, PUBLISHED_GLOBAL_BATCH = 4, 64  # APEX's reference configs (APEX_METHOD.md, "Headline numbers")
 
 
+#: what a run of a published architecture is, where the config leaves these at the built-in digits' defaults
 def published_assumptions(cfg: Config, explicit: set[str]) -> dict[str, Any]:
-    """For ``model.preset`` = a published architecture (no model.path): its native resolution, bf16 on GPUs and FSDP2 on
-    one 8-GPU node, for each of those keys the config does not set itself (``explicit``: the dotted keys it sets)."""
+    """For ``model.preset`` = a published architecture (no model.path): its native resolution, bf16 on GPUs, FSDP2 on
+    one 8-GPU node and the paper's micro batch at its global batch, for each of those keys the config does not set
+    itself (``explicit``: the dotted keys it sets)."""
     from apexdistill.models.family import get_family
 
     family = get_family(cfg.model.backbone)
@@ -466,8 +467,9 @@ def alternatives(cfg: Config) -> list[tuple[str, Plan]]:
     options: list[list[str]] = []
     if not t.gradient_checkpointing:
         options.append(["train.gradient_checkpointing=true"])
+    lora = ["model.lora.enabled=true", "model.lora.rank=64", "model.lora.alpha=64"]
     if not cfg.model.lora.enabled:
-        options.append(["model.lora.enabled=true", "model.lora.rank=64", "model.lora.alpha=64"])
+        options.append(lora)
     if t.strategy in ("none", "ddp"):
         options.append(["train.strategy=fsdp2", f"train.num_workers={max(8, t.num_workers)}"])
     elif t.strategy == "fsdp2" or (t.strategy == "deepspeed" and t.deepspeed.stage == 3):
@@ -478,7 +480,7 @@ def alternatives(cfg: Config) -> list[tuple[str, Plan]]:
         options.append(["train.gradient_checkpointing=true", f"train.batch_size={max(1, t.batch_size // 2)}",
                         f"train.grad_accum_steps={2 * t.grad_accum_steps}"])
     if not t.gradient_checkpointing and not cfg.model.lora.enabled:  # the paper's Qwen-Image 20B run needs both
-        options.append(["train.gradient_checkpointing=true", "model.lora.enabled=true", "model.lora.rank=64", "model.lora.alpha=64"])
+        options.append(["train.gradient_checkpointing=true", *lora])
     out = []
     for overrides in options:
         try:
